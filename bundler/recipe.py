@@ -1,0 +1,546 @@
+"""Board recipes: strict, versioned TOML data resolved into frozen dataclasses.
+
+A recipe is loaded in two stages, like meson cross files and conan profiles:
+*load* reads the TOML (following ``extends``) and remembers which file set
+each key; *resolve* checks every key against :data:`SCHEMA`, fills defaults
+and derived values, and returns a :class:`Recipe`.  Every error names the
+file, the dotted key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from .errors import RecipeError, UserError, did_you_mean, one_of
+
+FORMAT = 1
+CPU_FAMILIES = {
+    # cpu_family: (ELF machine, bits, qemu-user binary, default wheel platform or None)
+    "aarch64": ("aarch64", 64, "qemu-aarch64", "manylinux_2_28_aarch64"),
+    "x86_64": ("x86_64", 64, "qemu-x86_64", "manylinux_2_28_x86_64"),
+    "arm": ("arm", 32, "qemu-arm", None),
+    "riscv64": ("riscv64", 64, "qemu-riscv64", None),
+}
+# Libraries every glibc-based board has; a NEEDED entry outside the bundle must be one of these.
+BASE_LIBS = (
+    "libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "librt.so.1",
+    "libstdc++.so.6", "libgcc_s.so.1",
+    "ld-linux-aarch64.so.1", "ld-linux-armhf.so.3", "ld-linux-riscv64-lp64d.so.1",
+    "ld-linux-x86-64.so.2",
+)
+RUNTIME_SOURCES = ("wheel",)
+TARGET_KEYS = ("kind", "mtriple", "mcpu", "mattr", "mfloat-abi", "mabi", "num-cores", "keys", "tag",
+               "host", "opt-level", "vector-width")
+_VERSION_RE = re.compile(r"^\d+\.\d+(\.\d+)?$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+# --- the schema ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Field:
+    """One key of the schema: its check, its default and a line of documentation."""
+
+    check: Callable[[Any], str | None]   # returns a problem ("expected ...") or None
+    doc: str
+    default: Any = None                  # a value, or a callable(values) -> value for derived defaults
+    required: bool = False
+
+
+def _type_name(v: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
+            dict: "table"}.get(type(v), type(v).__name__)
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, str):
+        return repr(v)
+    return f"{v!r} ({_type_name(v)})"
+
+
+def is_str(v: Any) -> str | None:
+    return None if isinstance(v, str) else f"expected a string, got {_show(v)}"
+
+
+def is_nonempty_str(v: Any) -> str | None:
+    return is_str(v) or (None if v.strip() else "expected a non-empty string, got ''")
+
+
+def is_int(lo: int = 0, hi: int = 1 << 31) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, int):
+            return f"expected an integer, got {_show(v)}"
+        if not lo <= v <= hi:
+            return f"expected an integer from {lo} to {hi}, got {v}"
+        return None
+    return check
+
+
+def is_float(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        return f"expected a non-negative number, got {_show(v)}"
+    return None
+
+
+def is_choice(*choices: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if v in choices:
+            return None
+        return f"{_show(v)} is not allowed; expected {one_of(choices)}" + (
+            did_you_mean(v, choices) if isinstance(v, str) else "")
+    return check
+
+
+def is_version(v: Any) -> str | None:
+    if isinstance(v, str) and _VERSION_RE.match(v):
+        return None
+    return f"expected a version like \"2.36\", got {_show(v)}"
+
+
+def is_str_list(v: Any) -> str | None:
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return None
+    return f"expected an array of strings, got {_show(v)}"
+
+
+def is_str_table(v: Any) -> str | None:
+    if isinstance(v, dict) and all(isinstance(x, str) for x in v.values()):
+        return None
+    return f"expected a table of strings, got {_show(v)}"
+
+
+def is_listen(v: Any) -> str | None:
+    if isinstance(v, str):
+        host, _, port = v.rpartition(":")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return None
+    return f"expected HOST:PORT with a port from 1 to 65535, got {_show(v)}"
+
+
+def is_abs_path(v: Any) -> str | None:
+    if isinstance(v, str) and v.startswith("/"):
+        return None
+    return f"expected an absolute path, got {_show(v)}"
+
+
+def is_shapes(v: Any) -> str | None:
+    ok = isinstance(v, dict) and all(
+        isinstance(s, list) and s and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in s)
+        for s in v.values())
+    return None if ok else f"expected a table of NAME = [positive integers], got {_show(v)}"
+
+
+def _default_prefix(values: Mapping[str, Any]) -> str | None:
+    if values.get("toolchain.cc") or values.get("toolchain.cxx"):
+        return None
+    return f"{values['host_machine.triple']}-"
+
+
+def _default_sysroot(values: Mapping[str, Any]) -> str:
+    triple = values["host_machine.triple"]
+    return f"/usr/{triple}" if _is_foreign(values) else ""
+
+
+def _is_foreign(values: Mapping[str, Any]) -> bool:
+    return values["host_machine.cpu_family"] != host_cpu_family()
+
+
+def _default_platform(values: Mapping[str, Any]) -> str | None:
+    return CPU_FAMILIES[values["host_machine.cpu_family"]][3]
+
+
+def _default_qemu(values: Mapping[str, Any]) -> str:
+    return CPU_FAMILIES[values["host_machine.cpu_family"]][2] if _is_foreign(values) else ""
+
+
+SCHEMA: dict[str, Field] = {
+    "format": Field(is_int(1, 1), "recipe schema version", required=True),
+    "extends": Field(is_nonempty_str, "a recipe this one builds on (its values are overridden here)"),
+    "board.name": Field(is_nonempty_str, "the board's full name", required=True),
+    "board.vendor": Field(is_str, "who makes the board", default=""),
+    "board.url": Field(is_str, "where to read about the board", default=""),
+    "board.os": Field(is_str, "the operating system the glibc floor refers to", default=""),
+    "host_machine.system": Field(is_choice("linux"), "the board's kernel", default="linux"),
+    "host_machine.cpu_family": Field(is_choice(*CPU_FAMILIES), "CPU family", required=True),
+    "host_machine.cpu": Field(is_nonempty_str, "CPU model, e.g. cortex-a72", required=True),
+    "host_machine.triple": Field(is_nonempty_str, "GNU target triple", required=True),
+    "host_machine.glibc": Field(is_version, "oldest glibc of the board's OS", required=True),
+    "host_machine.glibcxx": Field(is_version, "oldest libstdc++ (GLIBCXX_) version of the board's OS"),
+    "host_machine.float_abi": Field(is_choice("hard", "soft", "double", "single"),
+                                    "float ABI of the OS (arm: hard/soft; riscv: double/single/soft)"),
+    "host_machine.cores": Field(is_int(1, 1024), "CPU cores", default=1),
+    "host_machine.base_libs": Field(is_str_list, "extra shared libraries the board's base system provides",
+                                    default=[]),
+    "toolchain.prefix": Field(is_str, "prefix of the cross tools (PREFIXgcc, PREFIXg++, PREFIXstrip)",
+                              default=_default_prefix),
+    "toolchain.cc": Field(is_nonempty_str, "C compiler, a name on PATH or a path"),
+    "toolchain.cxx": Field(is_nonempty_str, "C++ compiler, a name on PATH or a path"),
+    "toolchain.sysroot": Field(is_str, "the target's root for headers and libraries ('' for none)",
+                               default=_default_sysroot),
+    "toolchain.cflags": Field(is_str_list, "extra compile flags", default=[]),
+    "toolchain.ldflags": Field(is_str_list, "extra link flags", default=[]),
+    "toolchain.debian_packages": Field(is_str_list, "Debian packages that provide the toolchain", default=[]),
+    "tvm.target": Field(lambda v: None if isinstance(v, dict) else f"expected a table, got {_show(v)}",
+                        "TVM target, passed to tvm.target.Target as a dict", required=True),
+    "runtime.source": Field(is_choice(*RUNTIME_SOURCES), "where the TVM runtime comes from", default="wheel"),
+    "runtime.platform": Field(is_nonempty_str, "wheel platform tag for runtime.source = 'wheel'",
+                              default=_default_platform),
+    "install.prefix": Field(is_abs_path, "install root on the device", default="/opt/tvmbundle"),
+    "service.listen": Field(is_listen, "address the inference service listens on", default="127.0.0.1:8470"),
+    "service.threads": Field(is_int(1, 1024), "inference threads",
+                             default=lambda v: v["host_machine.cores"]),
+    "service.user": Field(is_nonempty_str, "unprivileged user the service runs as", default="tvmbundle"),
+    "service.environment": Field(is_str_table, "extra environment of the service", default={}),
+    "model.input_shapes": Field(is_shapes, "fixed shapes for inputs with dynamic dims", default={}),
+    "model.seed": Field(is_int(0, 2**32 - 1), "seed of the selftest inputs", default=0),
+    "model.rtol": Field(is_float, "relative tolerance of the selftest", default=1e-3),
+    "model.atol": Field(is_float, "absolute tolerance of the selftest", default=1e-4),
+    "verify.qemu": Field(is_str, "qemu-user binary that runs the board's programs ('' runs natively)",
+                         default=_default_qemu),
+}
+# Tables whose keys are free (checked by their own Field), so they are leaves of the key tree.
+_LEAF_TABLES = {"tvm.target", "service.environment", "model.input_shapes"}
+SECTIONS = sorted({k.split(".")[0] for k in SCHEMA if "." in k} | {"tvm"})
+
+
+def host_cpu_family() -> str:
+    m = os.uname().machine
+    return {"amd64": "x86_64", "arm64": "aarch64", "armv7l": "arm"}.get(m, m)
+
+
+# --- the resolved recipe ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Board:
+    name: str            # the recipe's name, e.g. "rpi4"
+    title: str           # board.name
+    vendor: str
+    url: str
+    os: str
+
+
+@dataclass(frozen=True)
+class Machine:
+    system: str
+    cpu_family: str
+    cpu: str
+    triple: str
+    glibc: str
+    glibcxx: str | None
+    float_abi: str | None
+    cores: int
+    base_libs: tuple[str, ...]
+
+    @property
+    def elf_machine(self) -> str:
+        return CPU_FAMILIES[self.cpu_family][0]
+
+    @property
+    def bits(self) -> int:
+        return CPU_FAMILIES[self.cpu_family][1]
+
+
+@dataclass(frozen=True)
+class ToolchainSpec:
+    prefix: str | None
+    cc: str
+    cxx: str
+    sysroot: str
+    cflags: tuple[str, ...]
+    ldflags: tuple[str, ...]
+    debian_packages: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    source: str
+    platform: str | None
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    listen: str
+    threads: int
+    user: str
+    environment: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    seed: int
+    rtol: float
+    atol: float
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    board: Board
+    machine: Machine
+    toolchain: ToolchainSpec
+    target: Mapping[str, Any]
+    runtime: RuntimeSpec
+    install_prefix: str
+    service: ServiceSpec
+    model: ModelSpec
+    qemu: str                                     # "" when the board runs natively here
+    origins: Mapping[str, str] = field(repr=False)  # dotted key -> file that set it, "default" or "derived"
+    values: Mapping[str, Any] = field(repr=False)   # dotted key -> resolved value (for `show`)
+    chain: tuple[Path, ...] = ()                  # this recipe and those it extends, nearest first
+
+    @property
+    def name(self) -> str:
+        return self.board.name
+
+    @property
+    def foreign(self) -> bool:
+        return bool(self.qemu)
+
+    def target_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.target.items()}
+
+
+# --- finding and loading ------------------------------------------------------------------
+
+def search_path() -> list[Path]:
+    """Where `tvmbundle make NAME` looks for NAME.toml, first match wins."""
+    dirs = [Path(p) for p in os.environ.get("TVMBUNDLE_RECIPE_PATH", "").split(os.pathsep) if p]
+    dirs.append(Path.cwd() / "recipes")
+    dirs.append(shipped_recipes_dir())
+    seen, out = set(), []
+    for d in dirs:
+        key = os.path.realpath(d)
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+def shipped_recipes_dir() -> Path:
+    """The recipes that come with tvmbundle (``recipes/`` of the source tree, or package data)."""
+    here = Path(__file__).resolve().parent
+    source_tree = here.parent / "recipes"
+    if source_tree.is_dir():
+        return source_tree
+    return here / "recipes"
+
+
+def find(name_or_path: str, *, near: Path | None = None) -> Path:
+    """A recipe file from a board name ("rpi4") or a path ("my/board.toml")."""
+    if name_or_path.endswith(".toml") or os.sep in name_or_path:
+        p = Path(name_or_path)
+        if not p.is_file():
+            raise UserError(f"recipe file not found: {name_or_path}")
+        return p
+    dirs = ([near] if near else []) + search_path()
+    for d in dirs:
+        p = d / f"{name_or_path}.toml"
+        if p.is_file():
+            return p
+    known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.toml")})
+    raise UserError(
+        f"no recipe named '{name_or_path}'{did_you_mean(name_or_path, known)}; "
+        f"known boards: {', '.join(known) or 'none'}",
+        hint="`tvmbundle boards` lists them; a path to a .toml file works too")
+
+
+def available() -> list[Path]:
+    """Every recipe on the search path (the first of each name)."""
+    seen: dict[str, Path] = {}
+    for d in search_path():
+        if d.is_dir():
+            for p in sorted(d.glob("*.toml")):
+                seen.setdefault(p.stem, p)
+    return [seen[k] for k in sorted(seen)]
+
+
+def display_path(p: Path) -> str:
+    """A path as the user would write it: relative to the working directory when below it."""
+    try:
+        return os.path.relpath(p) if Path(os.path.abspath(p)).is_relative_to(Path.cwd()) else str(p)
+    except ValueError:
+        return str(p)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(display_path(path), "", f"not valid TOML: {e}") from None
+    except OSError as e:
+        raise UserError(f"{display_path(path)}: cannot read: {e.strerror}") from None
+
+
+def _flatten(data: Mapping[str, Any], file: str, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Dotted keys down to the schema's leaves; unknown keys fail with a did-you-mean."""
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if dotted in SCHEMA or dotted in _LEAF_TABLES:
+            yield dotted, value
+            continue
+        children = [k for k in [*SCHEMA, *_LEAF_TABLES] if k.startswith(dotted + ".")]
+        if children and isinstance(value, dict):
+            yield from _flatten(value, file, dotted + ".")
+            continue
+        if children:
+            raise RecipeError(file, dotted, f"expected a table, got {_show(value)}")
+        siblings = sorted({k[len(prefix):].split(".")[0] for k in [*SCHEMA, *_LEAF_TABLES] if k.startswith(prefix)})
+        where = f"in [{prefix[:-1]}]" if prefix else "at the top level"
+        raise RecipeError(file, dotted, f"unknown key{did_you_mean(key, siblings)}; "
+                                        f"allowed {where}: {', '.join(siblings)}")
+
+
+def load(name_or_path: str) -> Recipe:
+    """Load a recipe by board name or path and resolve it."""
+    path = find(name_or_path)
+    raw: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    chain: list[Path] = []
+    current: Path | None = path
+    while current is not None:
+        if any(os.path.samefile(current, c) for c in chain):
+            cycle = " -> ".join(display_path(c) for c in [*chain, current])
+            raise RecipeError(display_path(chain[-1]), "extends", f"recipes extend each other in a cycle: {cycle}")
+        chain.append(current)
+        file = display_path(current)
+        data = _read_toml(current)
+        if "format" not in data:
+            raise RecipeError(file, "format", f"missing; every recipe starts with 'format = {FORMAT}'")
+        problem = SCHEMA["format"].check(data["format"])
+        if problem:
+            raise RecipeError(file, "format", problem.replace("from 1 to 1", f"= {FORMAT}")
+                              + " (this tvmbundle reads recipe format 1)")
+        for key, value in _flatten(data, file):
+            if key == "format":
+                continue
+            problem = SCHEMA[key].check(value) if key in SCHEMA else None
+            if problem:
+                raise RecipeError(file, key, problem)
+            if key == "tvm.target":
+                _check_target(value, file)
+            if key in _LEAF_TABLES:
+                # Free tables merge key by key, so a board can override just target.mcpu.
+                for sub in value:
+                    origins.setdefault(f"{key}.{sub}", file)
+                raw[key] = {**value, **raw.get(key, {})}
+            else:
+                raw.setdefault(key, value)    # nearer recipes win
+            origins.setdefault(key, file)
+        parent = data.get("extends")
+        current = find(parent, near=current.parent) if parent else None
+        if parent and not current:
+            raise RecipeError(file, "extends", f"no recipe named {parent!r}")
+    return _resolve(path, raw, origins, tuple(chain))
+
+
+def _check_target(target: Mapping[str, Any], file: str) -> None:
+    for k, v in target.items():
+        key = f"tvm.target.{k}"
+        if k not in TARGET_KEYS:
+            raise RecipeError(file, key, f"unknown target option{did_you_mean(k, TARGET_KEYS)}; "
+                                         f"allowed: {', '.join(TARGET_KEYS)}")
+        if k in ("mattr", "keys"):
+            problem = is_str_list(v)
+        elif k in ("num-cores", "opt-level", "vector-width"):
+            problem = is_int(0, 4096)(v)
+        elif k == "mfloat-abi":
+            problem = is_choice("hard", "soft")(v)
+        else:
+            problem = is_nonempty_str(v)
+        if problem:
+            raise RecipeError(file, key, problem)
+
+
+def _resolve(path: Path, raw: dict[str, Any], origins: dict[str, str], chain: tuple[Path, ...]) -> Recipe:
+    file = display_path(path)
+    values: dict[str, Any] = {}
+    for key, spec in SCHEMA.items():  # SCHEMA order puts what derived defaults read first
+        if key in ("format", "extends"):
+            continue
+        if key in raw:
+            values[key] = raw[key]
+        elif spec.required:
+            raise RecipeError(file, key, f"missing; required ({spec.doc})")
+        elif callable(spec.default):
+            values[key] = spec.default(values)
+            origins[key] = "derived"
+        else:
+            values[key] = spec.default
+            origins[key] = "default"
+
+    family = values["host_machine.cpu_family"]
+    triple = values["host_machine.triple"]
+    if not triple.split("-")[0].startswith({"arm": "arm", "x86_64": "x86_64"}.get(family, family)):
+        raise RecipeError(origins["host_machine.triple"], "host_machine.triple",
+                          f"{triple!r} does not match cpu_family {family!r}")
+    target = values["tvm.target"]
+    if target.get("kind") != "llvm":
+        raise RecipeError(origins.get("tvm.target.kind", origins["tvm.target"]), "tvm.target.kind",
+                          f"{_show(target['kind']) + ' is not allowed' if 'kind' in target else 'missing'}; "
+                          "tvmbundle compiles for board CPUs: expected 'llvm'")
+    if target.get("mtriple") and not str(target["mtriple"]).startswith(triple.split("-")[0][:3]):
+        raise RecipeError(origins["tvm.target"], "tvm.target.mtriple",
+                          f"{target['mtriple']!r} is for another architecture than host_machine.triple {triple!r}")
+    if family == "arm" and target.get("mfloat-abi") != "hard" and values["host_machine.float_abi"] != "soft":
+        raise RecipeError(origins["tvm.target"], "tvm.target.mfloat-abi",
+                          f"{_show(target.get('mfloat-abi')) if 'mfloat-abi' in target else 'missing'}; "
+                          "armv7 hard-float boards need mfloat-abi = \"hard\" (or host_machine.float_abi = \"soft\")")
+    if values["runtime.source"] == "wheel" and not values["runtime.platform"]:
+        raise RecipeError(origins["runtime.source"], "runtime.source",
+                          f"'wheel' is not available for cpu_family {family!r}: PyPI has TVM runtime wheels "
+                          "only for aarch64 and x86_64")
+    for name, shape in values["model.input_shapes"].items():
+        if not name:
+            raise RecipeError(origins["model.input_shapes"], "model.input_shapes", "empty input name")
+
+    prefix = values["toolchain.prefix"]
+    cc = values["toolchain.cc"] or f"{prefix or ''}gcc"
+    cxx = values["toolchain.cxx"] or f"{prefix or ''}g++"
+    values["toolchain.cc"], values["toolchain.cxx"] = cc, cxx
+    origins.setdefault("toolchain.cc", "derived")
+    origins.setdefault("toolchain.cxx", "derived")
+    if origins["toolchain.cc"] == "default":
+        origins["toolchain.cc"] = "derived"
+    if origins["toolchain.cxx"] == "default":
+        origins["toolchain.cxx"] = "derived"
+
+    frozen_target = {k: tuple(v) if isinstance(v, list) else v for k, v in target.items()}
+    return Recipe(
+        path=path,
+        board=Board(name=path.stem, title=values["board.name"], vendor=values["board.vendor"],
+                    url=values["board.url"], os=values["board.os"]),
+        machine=Machine(
+            system=values["host_machine.system"], cpu_family=family, cpu=values["host_machine.cpu"],
+            triple=triple, glibc=values["host_machine.glibc"], glibcxx=values["host_machine.glibcxx"],
+            float_abi=values["host_machine.float_abi"], cores=values["host_machine.cores"],
+            base_libs=tuple(dict.fromkeys([*BASE_LIBS, *values["host_machine.base_libs"]]))),
+        toolchain=ToolchainSpec(
+            prefix=prefix, cc=cc, cxx=cxx, sysroot=values["toolchain.sysroot"],
+            cflags=tuple(values["toolchain.cflags"]), ldflags=tuple(values["toolchain.ldflags"]),
+            debian_packages=tuple(values["toolchain.debian_packages"])),
+        target=frozen_target,
+        runtime=RuntimeSpec(source=values["runtime.source"], platform=values["runtime.platform"]),
+        install_prefix=values["install.prefix"],
+        service=ServiceSpec(listen=values["service.listen"], threads=values["service.threads"],
+                            user=values["service.user"],
+                            environment=tuple(sorted(values["service.environment"].items()))),
+        model=ModelSpec(input_shapes=tuple(sorted((k, tuple(v)) for k, v in values["model.input_shapes"].items())),
+                        seed=values["model.seed"], rtol=float(values["model.rtol"]),
+                        atol=float(values["model.atol"])),
+        qemu=values["verify.qemu"],
+        origins=dict(origins),
+        values=values,
+        chain=chain,
+    )
