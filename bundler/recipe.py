@@ -134,10 +134,8 @@ def is_abs_path(v: Any) -> str | None:
 
 
 def is_shapes(v: Any) -> str | None:
-    ok = isinstance(v, dict) and all(
-        isinstance(s, list) and s and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in s)
-        for s in v.values())
-    return None if ok else f"expected a table of NAME = [positive integers], got {_show(v)}"
+    # Each entry is checked on its own in load(), so the error can name the input.
+    return None if isinstance(v, dict) else f"expected a table of NAME = [positive integers], got {_show(v)}"
 
 
 def _default_prefix(values: Mapping[str, Any]) -> str | None:
@@ -418,10 +416,9 @@ def load(name_or_path: str) -> Recipe:
         data = _read_toml(current)
         if "format" not in data:
             raise RecipeError(file, "format", f"missing; every recipe starts with 'format = {FORMAT}'")
-        problem = SCHEMA["format"].check(data["format"])
-        if problem:
-            raise RecipeError(file, "format", problem.replace("from 1 to 1", f"= {FORMAT}")
-                              + " (this tvmbundle reads recipe format 1)")
+        if data["format"] != FORMAT or isinstance(data["format"], bool):
+            raise RecipeError(file, "format", f"{_show(data['format'])} is not allowed; "
+                                              f"this tvmbundle reads recipe format {FORMAT}")
         for key, value in _flatten(data, file):
             if key == "format":
                 continue
@@ -430,6 +427,12 @@ def load(name_or_path: str) -> Recipe:
                 raise RecipeError(file, key, problem)
             if key == "tvm.target":
                 _check_target(value, file)
+            if key == "model.input_shapes":
+                for name, shape in value.items():
+                    if not (isinstance(shape, list) and shape and all(
+                            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+                        raise RecipeError(file, f"{key}.{name}",
+                                          f"expected an array of positive integers, got {_show(shape)}")
             if key in _LEAF_TABLES:
                 # Free tables merge key by key, so a board can override just target.mcpu.
                 for sub in value:
@@ -439,9 +442,17 @@ def load(name_or_path: str) -> Recipe:
                 raw.setdefault(key, value)    # nearer recipes win
             origins.setdefault(key, file)
         parent = data.get("extends")
-        current = find(parent, near=current.parent) if parent else None
-        if parent and not current:
-            raise RecipeError(file, "extends", f"no recipe named {parent!r}")
+        if parent:
+            try:
+                current = find(parent, near=current.parent)
+            except UserError:
+                known = sorted({p.stem for d in [current.parent, *search_path()] if d.is_dir()
+                                for p in d.glob("*.toml")})
+                raise RecipeError(file, "extends", f"no recipe named {parent!r}{did_you_mean(parent, known)}; "
+                                                   "expected a board name from `tvmbundle boards` "
+                                                   "or a path to a .toml file") from None
+        else:
+            current = None
     return _resolve(path, raw, origins, tuple(chain))
 
 
@@ -480,30 +491,32 @@ def _resolve(path: Path, raw: dict[str, Any], origins: dict[str, str], chain: tu
             values[key] = spec.default
             origins[key] = "default"
 
+    def where(key: str) -> str:
+        o = origins.get(key, "")
+        return o if o and o not in ("default", "derived") else file
+
     family = values["host_machine.cpu_family"]
     triple = values["host_machine.triple"]
     if not triple.split("-")[0].startswith({"arm": "arm", "x86_64": "x86_64"}.get(family, family)):
-        raise RecipeError(origins["host_machine.triple"], "host_machine.triple",
+        raise RecipeError(where("host_machine.triple"), "host_machine.triple",
                           f"{triple!r} does not match cpu_family {family!r}")
     target = values["tvm.target"]
     if target.get("kind") != "llvm":
-        raise RecipeError(origins.get("tvm.target.kind", origins["tvm.target"]), "tvm.target.kind",
+        raise RecipeError(where("tvm.target.kind"), "tvm.target.kind",
                           f"{_show(target['kind']) + ' is not allowed' if 'kind' in target else 'missing'}; "
                           "tvmbundle compiles for board CPUs: expected 'llvm'")
     if target.get("mtriple") and not str(target["mtriple"]).startswith(triple.split("-")[0][:3]):
-        raise RecipeError(origins["tvm.target"], "tvm.target.mtriple",
+        raise RecipeError(where("tvm.target.mtriple"), "tvm.target.mtriple",
                           f"{target['mtriple']!r} is for another architecture than host_machine.triple {triple!r}")
     if family == "arm" and target.get("mfloat-abi") != "hard" and values["host_machine.float_abi"] != "soft":
-        raise RecipeError(origins["tvm.target"], "tvm.target.mfloat-abi",
+        raise RecipeError(where("tvm.target"), "tvm.target.mfloat-abi",
                           f"{_show(target.get('mfloat-abi')) if 'mfloat-abi' in target else 'missing'}; "
                           "armv7 hard-float boards need mfloat-abi = \"hard\" (or host_machine.float_abi = \"soft\")")
     if values["runtime.source"] == "wheel" and not values["runtime.platform"]:
-        raise RecipeError(origins["runtime.source"], "runtime.source",
-                          f"'wheel' is not available for cpu_family {family!r}: PyPI has TVM runtime wheels "
-                          "only for aarch64 and x86_64")
-    for name, shape in values["model.input_shapes"].items():
-        if not name:
-            raise RecipeError(origins["model.input_shapes"], "model.input_shapes", "empty input name")
+        default = " (the default)" if origins["runtime.source"] == "default" else ""
+        raise RecipeError(where("runtime.source"), "runtime.source",
+                          f"'wheel'{default} is not available for cpu_family {family!r}: PyPI has TVM runtime "
+                          "wheels only for aarch64 and x86_64 (set runtime.platform if you have another)")
 
     prefix = values["toolchain.prefix"]
     cc = values["toolchain.cc"] or f"{prefix or ''}gcc"

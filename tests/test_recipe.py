@@ -1,0 +1,100 @@
+"""Recipe loading: the shipped boards resolve, and every invalid recipe gets its exact message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bundler import recipe
+from bundler.errors import RecipeError
+
+CORPUS = sorted((Path(__file__).parent / "recipes" / "invalid").glob("*.toml"))
+
+
+def expected_message(path: Path) -> str:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# expect: "), f"{path} must start with '# expect: <message>'"
+    return first[len("# expect: "):]
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
+def test_invalid_recipe_message(path, run_cli):
+    rel = path.relative_to(Path.cwd()).as_posix()
+    code, out, err = run_cli("show", rel)
+    assert code == 2
+    assert out == ""
+    assert err.splitlines()[0] == f"tvmbundle: error: {expected_message(path)}"
+
+
+def test_corpus_is_not_empty():
+    assert len(CORPUS) >= 20
+
+
+@pytest.mark.parametrize("board", ["rpi4", "x86_64", "aarch64"])
+def test_shipped_boards_resolve(board):
+    r = recipe.load(board)
+    assert r.name == board
+    assert r.target["kind"] == "llvm"
+    assert r.runtime.source == "wheel"
+    assert r.toolchain.cxx.endswith("g++")
+
+
+def test_rpi4_extends_aarch64_and_overrides_only_the_cpu():
+    r = recipe.load("rpi4")
+    assert [p.name for p in r.chain] == ["rpi4.toml", "aarch64.toml"]
+    assert r.target_dict() == {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"],
+                               "mcpu": "cortex-a72"}
+    assert r.origins["tvm.target.mcpu"] == "recipes/rpi4.toml"
+    assert r.origins["tvm.target.mattr"] == "recipes/aarch64.toml"
+    assert r.origins["toolchain.cxx"] == "derived"
+    assert r.qemu == "qemu-aarch64" and r.toolchain.sysroot == "/usr/aarch64-linux-gnu"
+    assert r.machine.glibc == "2.36"
+
+
+def test_recipe_is_frozen():
+    r = recipe.load("rpi4")
+    with pytest.raises(Exception):
+        r.install_prefix = "/tmp"  # type: ignore[misc]
+
+
+def test_show_prints_every_value_and_its_origin(run_cli):
+    code, out, err = run_cli("show", "rpi4")
+    assert code == 0
+    assert "tvm.target.mcpu" in out and "cortex-a72" in out
+    line = next(l for l in out.splitlines() if l.startswith("toolchain.sysroot"))
+    assert "/usr/aarch64-linux-gnu" in line and "recipes/aarch64.toml" in line
+    code, out, _ = run_cli("show", "rpi4", "--json")
+    data = json.loads(out)
+    assert data["values"]["host_machine.cpu"] == "cortex-a72"
+    assert data["origins"]["service.user"] == "default"
+
+
+def test_boards_lists_the_shipped_recipes(run_cli):
+    code, out, _ = run_cli("boards")
+    assert code == 0
+    names = [l.split()[0] for l in out.splitlines()[1:] if l.strip()]
+    assert {"rpi4", "x86_64", "aarch64"} <= set(names)
+
+
+def test_recipe_path_env_adds_boards(tmp_path, monkeypatch, run_cli):
+    (tmp_path / "myboard.toml").write_text('format = 1\nextends = "rpi4"\n[host_machine]\nglibc = "2.31"\n')
+    monkeypatch.setenv("TVMBUNDLE_RECIPE_PATH", str(tmp_path))
+    r = recipe.load("myboard")
+    assert r.machine.glibc == "2.31" and r.machine.cpu == "cortex-a72"
+    code, out, _ = run_cli("boards")
+    assert "myboard" in out
+
+
+def test_unknown_board_suggests(run_cli):
+    code, out, err = run_cli("show", "rpi5")
+    assert code == 2
+    assert "no recipe named 'rpi5' (did you mean 'rpi4'?)" in err
+
+
+def test_error_carries_file_and_key():
+    bad = Path("tests/recipes/invalid/wrong-type.toml")
+    with pytest.raises(RecipeError) as e:
+        recipe.load(str(bad))
+    assert e.value.file == bad.as_posix() and e.value.key == "toolchain.cc"
