@@ -1,0 +1,133 @@
+"""The TVM runtime for the board, locked to the installed compiler's version.
+
+A model compiled by apache-tvm X must run on the runtime of apache-tvm X, so
+the runtime libraries always come from the wheels of exactly the installed
+``apache-tvm`` and ``apache-tvm-ffi`` versions.  When the board's platform is
+the one the compiler was installed for, the installed wheels' own files are
+used (checked against their RECORD); otherwise the wheels for the board's
+platform are downloaded with pip.  Either way the result is cached.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.metadata as md
+import shutil
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cache, proc
+from .errors import UserError
+from .recipe import Recipe
+
+LIBS = {"apache-tvm": "tvm/lib/libtvm_runtime.so", "apache-tvm-ffi": "tvm_ffi/lib/libtvm_ffi.so"}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    lib_dir: Path           # holds libtvm_runtime.so and libtvm_ffi.so for the board
+    origin: str             # "wheel"
+    platform: str
+    versions: dict[str, str]
+    sources: dict[str, str]  # library -> where it came from (wheel file name, or "installed")
+    cached: bool
+
+    @property
+    def libs(self) -> list[Path]:
+        return [self.lib_dir / Path(p).name for p in LIBS.values()]
+
+    def manifest(self) -> dict[str, object]:
+        return {"origin": self.origin, "platform": self.platform, **self.versions, "sources": self.sources}
+
+
+def compiler_versions() -> dict[str, str]:
+    """Versions of the installed compiler packages; the runtime must match them exactly."""
+    out = {}
+    for dist in LIBS:
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            raise UserError(f"the TVM compiler package {dist} is not installed",
+                            hint="pip install 'apache-tvm==0.27.*'") from None
+    return out
+
+
+def _installed_tags(dist: str) -> set[str]:
+    wheel = md.distribution(dist).read_text("WHEEL") or ""
+    return {line.split(":", 1)[1].strip().split("-")[-1] for line in wheel.splitlines() if line.startswith("Tag:")}
+
+
+def get(recipe: Recipe) -> Runtime:
+    if recipe.runtime.source != "wheel":
+        raise UserError(f"{recipe.name}: runtime.source {recipe.runtime.source!r} is not supported")
+    platform = recipe.runtime.platform
+    assert platform
+    versions = compiler_versions()
+    installed = all(platform in _installed_tags(d) for d in LIBS)
+    key = cache.key("runtime-wheel", platform, versions, installed)
+
+    def build(tmp: Path) -> dict[str, object]:
+        lib_dir = tmp / "lib"
+        lib_dir.mkdir()
+        sources = {}
+        if installed:
+            for dist, member in LIBS.items():
+                _copy_installed(dist, member, lib_dir)
+                sources[Path(member).name] = f"installed {dist} {versions[dist]} wheel"
+        else:
+            wheels = _download(platform, versions, tmp / "wheels")
+            for dist, member in LIBS.items():
+                whl = wheels[dist]
+                with zipfile.ZipFile(whl) as z:
+                    try:
+                        data = z.read(member)
+                    except KeyError:
+                        raise UserError(f"{whl.name} has no {member}; cannot take the runtime from it") from None
+                (lib_dir / Path(member).name).write_bytes(data)
+                (lib_dir / Path(member).name).chmod(0o755)
+                sources[Path(member).name] = whl.name
+            shutil.rmtree(tmp / "wheels")
+        return {"sources": sources}
+
+    entry = cache.get("runtime", key, build)
+    return Runtime(lib_dir=entry.path / "lib", origin="wheel", platform=platform, versions=versions,
+                   sources=entry.meta["sources"], cached=entry.hit)
+
+
+def _copy_installed(dist: str, member: str, dest: Path) -> None:
+    """Copy a library out of the installed wheel, checked against the wheel's RECORD."""
+    d = md.distribution(dist)
+    src = Path(d.locate_file(member))
+    record = {}
+    for line in (d.read_text("RECORD") or "").splitlines():
+        parts = line.rsplit(",", 2)
+        if len(parts) == 3:
+            record[parts[0]] = parts[1]
+    want = record.get(member, "")
+    if want.startswith("sha256="):
+        got = base64.urlsafe_b64encode(hashlib.sha256(src.read_bytes()).digest()).rstrip(b"=").decode()
+        if got != want[len("sha256="):]:
+            raise UserError(f"{src} differs from the {dist} wheel it was installed from",
+                            hint=f"reinstall it: pip install --force-reinstall --no-deps {dist}=={d.version}")
+    shutil.copy2(src, dest / Path(member).name)
+
+
+def _download(platform: str, versions: dict[str, str], dest: Path) -> dict[str, Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    pyver = f"{sys.version_info.major}{sys.version_info.minor}"
+    proc.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+              "--disable-pip-version-check", "--platform", platform, "--python-version", pyver,
+              "--implementation", "cp", "-d", str(dest),
+              *(f"{dist}=={v}" for dist, v in versions.items())],
+             what=f"download the TVM runtime wheels for {platform}")
+    found = {}
+    for dist in versions:
+        stem = dist.replace("-", "_") + "-"
+        matches = sorted(dest.glob(f"{stem}*.whl"))
+        if not matches:
+            raise UserError(f"pip did not download a {dist} wheel for {platform}")
+        found[dist] = matches[0]
+    return found
