@@ -124,8 +124,14 @@ def run(
 
 
 def _tail(text: str, n: int = TAIL_LINES) -> str:
+    """The last ``n`` lines, preceded by the first error lines when they scrolled out of the tail
+    (a compiler's first error is the one to read; its notes fill the end of the output)."""
     lines = text.rstrip().splitlines()
-    return "\n".join(lines[-n:])
+    tail = lines[-n:]
+    first_errors = [line for line in lines[:-n] if "error:" in line or "Error" in line][:3]
+    if first_errors:
+        return "\n".join([*first_errors, "...", *tail])
+    return "\n".join(tail)
 
 
 def tool_path(path_or_name: str) -> Path | None:

@@ -144,9 +144,12 @@ def _default_prefix(values: Mapping[str, Any]) -> str | None:
     return f"{values['host_machine.triple']}-"
 
 
-def _default_sysroot(values: Mapping[str, Any]) -> str:
-    triple = values["host_machine.triple"]
-    return f"/usr/{triple}" if _is_foreign(values) else ""
+def _default_ld_prefix(values: Mapping[str, Any]) -> str:
+    # Debian's cross packages put the board's libraries in /usr/<triple>, which is not a
+    # sysroot the compiler takes (its linker scripts name absolute paths) but is one qemu takes.
+    if values["toolchain.sysroot"]:
+        return values["toolchain.sysroot"]
+    return f"/usr/{values['host_machine.triple']}" if _is_foreign(values) else ""
 
 
 def _is_foreign(values: Mapping[str, Any]) -> bool:
@@ -183,8 +186,8 @@ SCHEMA: dict[str, Field] = {
                               default=_default_prefix),
     "toolchain.cc": Field(is_nonempty_str, "C compiler, a name on PATH or a path"),
     "toolchain.cxx": Field(is_nonempty_str, "C++ compiler, a name on PATH or a path"),
-    "toolchain.sysroot": Field(is_str, "the target's root for headers and libraries ('' for none)",
-                               default=_default_sysroot),
+    "toolchain.sysroot": Field(is_str, "--sysroot for the compiler ('': the compiler's built-in paths, "
+                                       "right for Debian's cross g++)", default=""),
     "toolchain.cflags": Field(is_str_list, "extra compile flags", default=[]),
     "toolchain.ldflags": Field(is_str_list, "extra link flags", default=[]),
     "toolchain.debian_packages": Field(is_str_list, "Debian packages that provide the toolchain", default=[]),
@@ -205,6 +208,8 @@ SCHEMA: dict[str, Field] = {
     "model.atol": Field(is_float, "absolute tolerance of the selftest", default=1e-4),
     "verify.qemu": Field(is_str, "qemu-user binary that runs the board's programs ('' runs natively)",
                          default=_default_qemu),
+    "verify.ld_prefix": Field(is_str, "where qemu finds the board's dynamic loader and libraries (qemu -L)",
+                              default=_default_ld_prefix),
 }
 # Tables whose keys are free (checked by their own Field), so they are leaves of the key tree.
 _LEAF_TABLES = {"tvm.target", "service.environment", "model.input_shapes"}
@@ -293,6 +298,7 @@ class Recipe:
     service: ServiceSpec
     model: ModelSpec
     qemu: str                                     # "" when the board runs natively here
+    ld_prefix: str                                # qemu -L: the board's loader and libraries
     origins: Mapping[str, str] = field(repr=False)  # dotted key -> file that set it, "default" or "derived"
     values: Mapping[str, Any] = field(repr=False)   # dotted key -> resolved value (for `show`)
     chain: tuple[Path, ...] = ()                  # this recipe and those it extends, nearest first
@@ -553,6 +559,7 @@ def _resolve(path: Path, raw: dict[str, Any], origins: dict[str, str], chain: tu
                         seed=values["model.seed"], rtol=float(values["model.rtol"]),
                         atol=float(values["model.atol"])),
         qemu=values["verify.qemu"],
+        ld_prefix=values["verify.ld_prefix"],
         origins=dict(origins),
         values=values,
         chain=chain,

@@ -49,7 +49,7 @@ def test_rpi4_extends_aarch64_and_overrides_only_the_cpu():
     assert r.origins["tvm.target.mcpu"] == "recipes/rpi4.toml"
     assert r.origins["tvm.target.mattr"] == "recipes/aarch64.toml"
     assert r.origins["toolchain.cxx"] == "derived"
-    assert r.qemu == "qemu-aarch64" and r.toolchain.sysroot == "/usr/aarch64-linux-gnu"
+    assert r.qemu == "qemu-aarch64" and r.ld_prefix == "/usr/aarch64-linux-gnu" and r.toolchain.sysroot == ""
     assert r.machine.glibc == "2.36"
 
 
@@ -63,8 +63,10 @@ def test_show_prints_every_value_and_its_origin(run_cli):
     code, out, err = run_cli("show", "rpi4")
     assert code == 0
     assert "tvm.target.mcpu" in out and "cortex-a72" in out
-    line = next(l for l in out.splitlines() if l.startswith("toolchain.sysroot"))
-    assert "/usr/aarch64-linux-gnu" in line and "recipes/aarch64.toml" in line
+    line = next(l for l in out.splitlines() if l.startswith("toolchain.prefix"))
+    assert "aarch64-linux-gnu-" in line and "recipes/aarch64.toml" in line
+    line = next(l for l in out.splitlines() if l.startswith("verify.ld_prefix"))
+    assert "/usr/aarch64-linux-gnu" in line and "derived" in line
     code, out, _ = run_cli("show", "rpi4", "--json")
     data = json.loads(out)
     assert data["values"]["host_machine.cpu"] == "cortex-a72"

@@ -1,0 +1,172 @@
+"""The typed Python API: what the CLI, image builders and scripts call."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import bundle as bundle_mod
+from . import cache, harness, model as model_mod, onnxmodel, runtime, toolchain
+from . import recipe as recipe_mod
+from .errors import UserError, one_of
+from .progress import Progress, StepRecord
+from .verify import Report, verify
+
+
+@dataclass(frozen=True)
+class MakeResult:
+    bundle: Path
+    bundle_id: str
+    manifest: dict[str, Any]
+    steps: list[StepRecord] = field(default_factory=list)
+    verified: Report | None = None
+    overlay: Path | None = None      # the overlay tarball, for --format overlay (its tree is beside it)
+
+    @property
+    def rebuilt(self) -> list[str]:
+        """The build steps that did real work (empty on a warm make)."""
+        return [s.name for s in self.steps if not s.cached and s.name.split(" ")[0] in _BUILD_STEPS]
+
+
+_BUILD_STEPS = {"get", "build", "compile", "compute", "package"}
+
+
+def load_recipe(board: str | recipe_mod.Recipe) -> recipe_mod.Recipe:
+    return board if isinstance(board, recipe_mod.Recipe) else recipe_mod.load(board)
+
+
+def bundle_name(model_path: Path) -> str:
+    stem = model_path.name.split(".")[0] or "model"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-") or "model"
+
+
+def make(board: str | recipe_mod.Recipe, model: Path | str, *,
+         input_shapes: Mapping[str, Sequence[int]] | None = None,
+         out_dir: Path | str = "dist", fmt: str = "tar", run_verify: bool = True,
+         progress: Progress | None = None) -> MakeResult:
+    """Build a verified bundle of ``model`` for ``board``; returns where it was written."""
+    progress = progress or Progress(quiet=True)
+    if fmt not in bundle_mod.FORMATS:
+        raise UserError(f"--format: {fmt!r} is not allowed; expected {one_of(bundle_mod.FORMATS)}")
+    r = load_recipe(board)
+    model = Path(model)
+    out_dir = Path(out_dir)
+    shapes = {k: tuple(v) for k, v in r.model.input_shapes}
+    shapes.update({k: tuple(v) for k, v in (input_shapes or {}).items()})
+    epoch = bundle_mod.source_date_epoch()
+
+    with progress.step(f"find the {r.name} toolchain") as s:
+        tc = toolchain.resolve(r)
+        s.done(detail=f"{tc.cxx.name} ({tc.machine})")
+    versions = runtime.compiler_versions()
+    with progress.step(f"prepare {model.name}") as s:
+        prepared = onnxmodel.prepare(model, shapes or None)
+        onnxmodel.check_supported(prepared.model, model)
+        model_id = model_mod.digest(prepared)
+        s.done(detail=_signature_line(prepared) + (f", folded {prepared.folded_nodes} nodes"
+                                                   if prepared.folded_nodes else ""))
+    with progress.step(f"get the TVM runtime for {r.runtime.platform}") as s:
+        rt = runtime.get(r)
+        s.done(cached=rt.cached, detail=f"apache-tvm {versions['apache-tvm']}")
+    with progress.step(f"build the deploy harness for {r.name}") as s:
+        h = harness.build(tc, rt)
+        s.done(cached=h.cached)
+    with progress.step(f"compile {model.name} for {r.name}") as s:
+        compiled = model_mod.compile_for_board(prepared, model_id, model, r, tc, versions)
+        s.done(cached=compiled.cached)
+    with progress.step("compute selftest vectors on this machine") as s:
+        vectors = model_mod.selftest_vectors(prepared, model_id, model, r.model.seed, versions)
+        s.done(cached=vectors.cached)
+
+    name = bundle_name(model)
+    parts: dict[str, Path] = {f"bin/{harness.BINARY}": h.path, "model/model.so": compiled.path}
+    parts.update({f"lib/{p.name}": p for p in rt.libs})
+    parts.update({f"selftest/{p.name}": p for p in [*vectors.inputs, *vectors.expected]})
+
+    with progress.step("package the bundle") as s, tempfile.TemporaryDirectory(prefix="tvmbundle-") as tmp:
+        staging = Path(tmp) / "stage"
+        files = bundle_mod.stage(staging, parts)
+        manifest = _manifest(r, name, model, prepared, versions, rt, vectors, epoch)
+        bid = bundle_mod.bundle_id(files, manifest)
+        manifest = {"format": bundle_mod.FORMAT, "bundle_id": bid, **manifest,
+                    "files": [f.to_json() for f in files]}
+        bundle_mod.write_manifest(staging, manifest)
+        top = f"{name}-{r.name}-{bid[:8]}"
+        tar_key = cache.key("bundle", bid, epoch, fmt)
+
+        def build_tar(dest: Path) -> dict[str, Any]:
+            bundle_mod.write_tarball(staging, top, dest / f"{top}.tar.gz", epoch)
+            return {}
+
+        entry = cache.get("bundle", tar_key, build_tar)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out = _publish(entry.path / f"{top}.tar.gz", out_dir)
+        overlay = None
+        if fmt == "overlay":
+            overlay = _publish_overlay(staging, manifest, out_dir / f"{top}-overlay", epoch)
+        s.done(cached=entry.hit, detail=str(overlay or out))
+
+    report = None
+    if run_verify:
+        report = verify(out, board=r, progress=progress)
+    return MakeResult(out, bid, manifest, list(progress.steps), report, overlay)
+
+
+def _publish(src: Path, out_dir: Path) -> Path:
+    """Copy a finished file into the output folder atomically (a reader never sees half of it)."""
+    out = out_dir / src.name
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(out)
+    return out
+
+
+def _publish_overlay(release: Path, manifest: dict[str, Any], tree: Path, epoch: int) -> Path:
+    """The overlay tree ``tree`` and its tarball ``tree``.tar.gz (replacing older ones of that name)."""
+    tmp_tree = tree.with_name(f".{tree.name}.tmp")
+    shutil.rmtree(tmp_tree, ignore_errors=True)
+    tmp_tree.mkdir()
+    bundle_mod.write_overlay(release, manifest, tmp_tree)
+    shutil.rmtree(tree, ignore_errors=True)
+    tmp_tree.rename(tree)
+    tarball = tree.with_name(f"{tree.name}.tar.gz")
+    bundle_mod.write_tarball(tree, None, tarball, epoch)
+    return tarball
+
+
+def _signature_line(p: onnxmodel.PreparedModel) -> str:
+    def fmt(specs: tuple[onnxmodel.TensorSpec, ...]) -> str:
+        return ", ".join(f"{s.name}:{s.dtype}{list(s.shape)}" for s in specs)
+    return f"{fmt(p.inputs)} -> {fmt(p.outputs)}"
+
+
+def _manifest(r: recipe_mod.Recipe, name: str, model: Path, prepared: onnxmodel.PreparedModel,
+              versions: dict[str, str], rt: runtime.Runtime, vectors: model_mod.Vectors,
+              epoch: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)),
+        "board": {"name": r.name, "title": r.board.title, "cpu_family": r.machine.cpu_family,
+                  "cpu": r.machine.cpu, "triple": r.machine.triple, "glibc": r.machine.glibc,
+                  "glibcxx": r.machine.glibcxx, "float_abi": r.machine.float_abi,
+                  "base_libs": list(r.machine.base_libs)},
+        "target": r.target_dict(),
+        "compiler": dict(versions),
+        "runtime": rt.manifest(),
+        "model": {"file": "model/model.so", "source": model.name, "source_sha256": prepared.source_sha256,
+                  "inputs": [s.to_json() for s in prepared.inputs],
+                  "outputs": [s.to_json() for s in prepared.outputs]},
+        "selftest": {"inputs": [f"selftest/{p.name}" for p in vectors.inputs],
+                     "expected": [f"selftest/{p.name}" for p in vectors.expected],
+                     "rtol": r.model.rtol, "atol": r.model.atol, "seed": r.model.seed,
+                     "reference": vectors.reference},
+        "install": {"prefix": r.install_prefix},
+        "service": {"listen": r.service.listen, "threads": r.service.threads, "user": r.service.user,
+                    "environment": dict(r.service.environment)},
+    }

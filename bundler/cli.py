@@ -1,0 +1,232 @@
+"""The ``tvmbundle`` command: a thin layer over :mod:`bundler.api`.
+
+Exit codes, in this one place: 0 success, 2 a user error (bad input, missing
+tool, failed verification), 1 a bug (with its traceback), 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__, cache, doctor
+from . import recipe as recipe_mod
+from .errors import UserError
+from .progress import Progress
+
+EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_INTERRUPT = 0, 1, 2, 130
+
+
+def _out() -> Console:
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:     # logs and pipes: never fold a table row
+        console = Console(highlight=False, soft_wrap=True, width=200)
+    return console
+
+
+# --- commands -----------------------------------------------------------------------------
+
+def cmd_boards(args: argparse.Namespace) -> int:
+    table = Table("board", "cpu", "triple", "glibc", "runtime", "name", box=None, pad_edge=False)
+    for path in recipe_mod.available():
+        try:
+            r = recipe_mod.load(str(path))
+            table.add_row(path.stem, f"{r.machine.cpu_family}/{r.machine.cpu}", r.machine.triple,
+                          r.machine.glibc, r.runtime.source, r.board.title)
+        except UserError as e:
+            table.add_row(path.stem, "", "", "", "", f"(invalid: {e.message})")
+    _out().print(table)
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    r = recipe_mod.load(args.board)
+    if args.json:
+        print(json.dumps({"board": r.name, "recipe": str(r.path), "values": r.values, "origins": r.origins},
+                         indent=2, default=str))
+        return EXIT_OK
+    out = _out()
+    out.print(f"{r.name}: {r.board.title}  ({recipe_mod.display_path(r.path)}"
+              + "".join(f" <- {recipe_mod.display_path(p)}" for p in r.chain[1:]) + ")")
+    table = Table("key", "value", "from", box=None, pad_edge=False)
+    for key, value in r.values.items():
+        if key in ("format", "extends"):
+            continue
+        if key in ("tvm.target", "service.environment", "model.input_shapes") and isinstance(value, dict):
+            if not value:
+                table.add_row(key, "{}", r.origins.get(key, ""))
+            for sub, v in value.items():
+                table.add_row(f"{key}.{sub}", _fmt(v), r.origins.get(f"{key}.{sub}", r.origins.get(key, "")))
+            continue
+        table.add_row(key, _fmt(value), r.origins.get(key, ""))
+    out.print(table)
+    return EXIT_OK
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "(unset)"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(json.dumps(x) for x in v) + "]"
+    return json.dumps(v) if not isinstance(v, str) else (v if v else '""')
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    r = recipe_mod.load(args.board)
+    findings = doctor.examine(r)
+    table = Table("", "check", "detail", box=None, pad_edge=False)
+    for f in findings:
+        table.add_row("ok" if f.ok else "MISSING", f.what, f.detail)
+    out = _out()
+    out.print(f"{r.name}: {r.board.title}")
+    out.print(table)
+    fixes = doctor.fix_commands(findings)
+    if fixes:
+        out.print("\nTo fix, run:")
+        for c in fixes:
+            out.print(f"  {c}")
+        return EXIT_USER
+    out.print("\nEverything needed for this board is here.")
+    return EXIT_OK
+
+
+def cmd_make(args: argparse.Namespace) -> int:
+    from . import api, onnxmodel
+
+    shapes = dict(onnxmodel.parse_input_shape(s) for s in args.input_shape or [])
+    progress = Progress(quiet=args.quiet)
+    start = time.monotonic()
+    result = api.make(args.board, Path(args.model), input_shapes=shapes, out_dir=Path(args.out),
+                      fmt=args.format, run_verify=not args.no_verify, progress=progress)
+    if args.json:
+        print(json.dumps({"bundle": str(result.bundle), "bundle_id": result.bundle_id,
+                          "overlay": str(result.overlay) if result.overlay else None,
+                          "rebuilt": result.rebuilt,
+                          "steps": [{"name": s.name, "seconds": round(s.seconds, 3), "cached": s.cached}
+                                    for s in result.steps]}, indent=2))
+    else:
+        verified = " and verified" if result.verified else ""
+        progress.note(f"bundle{verified} in {time.monotonic() - start:.1f} s: {result.bundle}")
+        print(result.overlay or result.bundle)
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    progress = Progress(quiet=args.quiet or args.json)
+    report = verify(Path(args.bundle), board=args.board, run=not args.no_run, progress=progress)
+    if args.json:
+        print(json.dumps({"bundle": report.bundle, "board": report.board, "ok": report.ok,
+                          "checks": [{"check": c, "ok": ok, "detail": d} for c, ok, d in report.checks],
+                          "selftest": report.selftest, "info": report.info}, indent=2))
+    else:
+        for name, ok, detail in report.checks:
+            progress.note(f"  {name}: {'ok' if ok else 'FAILED'}{': ' + detail if detail else ''}")
+        print(f"{report.bundle}: verified for {report.board}")
+    return EXIT_OK
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    out = _out()
+    if args.action == "list":
+        table = Table("kind", "key", "size", "age", box=None, pad_edge=False)
+        total = 0
+        now = time.time()
+        for e in cache.entries():
+            total += e.size
+            table.add_row(e.kind, e.key[:16], _size(e.size), f"{(now - e.created) / 86400:.1f} d")
+        out.print(f"cache: {cache.root()}")
+        out.print(table)
+        out.print(f"total {_size(total)}")
+    else:
+        removed = cache.prune(older_than_days=args.older_than, kind=args.kind)
+        out.print(f"removed {len(removed)} entries, {_size(sum(e.size for e in removed))}")
+    return EXIT_OK
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+# --- parser -------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tvmbundle", description="Ship TVM-compiled models to embedded Linux boards.")
+    p.add_argument("--version", action="version", version=f"tvmbundle {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every external command as `cwd$ cmd`")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("boards", help="list the board recipes")
+    s.set_defaults(func=cmd_boards)
+
+    s = sub.add_parser("show", help="print a resolved recipe: every value and where it came from")
+    s.add_argument("board", help="board name (recipes/NAME.toml) or path to a recipe")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("doctor", help="what this machine lacks for a board, with the install command")
+    s.add_argument("board")
+    s.set_defaults(func=cmd_doctor)
+
+    s = sub.add_parser("make", help="build (and verify) a bundle of a model for a board")
+    s.add_argument("board")
+    s.add_argument("--model", required=True, help="the ONNX model")
+    s.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...",
+                   help="fix the shape of an input with dynamic dims (repeatable)")
+    s.add_argument("--out", default="dist", help="output folder (default: dist/)")
+    s.add_argument("--format", default="tar",
+                   help="tar (the bundle) or overlay (also a rootfs overlay tree and its tarball for image builds)")
+    s.add_argument("--no-verify", action="store_true", help="skip the verification at the end")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    s.set_defaults(func=cmd_make)
+
+    s = sub.add_parser("verify", help="check a bundle and run its selftest (under qemu-user for foreign boards)")
+    s.add_argument("bundle")
+    s.add_argument("--board", help="check against this recipe instead of the bundle's own board record")
+    s.add_argument("--no-run", action="store_true", help="static checks only")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("cache", help="show or trim the build cache")
+    s.add_argument("action", choices=["list", "prune"])
+    s.add_argument("--older-than", type=float, metavar="DAYS", help="prune: only entries older than DAYS")
+    s.add_argument("--kind", help="prune: only entries of this kind (runtime, harness, model, vectors, bundle)")
+    s.set_defaults(func=cmd_cache)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:          # argparse exits on --help and on usage errors
+        return int(e.code or 0) if e.code in (0, None) else EXIT_USER
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(message)s", stream=sys.stderr, force=True)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"tvmbundle: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("tvmbundle: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPT
+
+
+def entry_point() -> None:
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Building the C++ deploy harness (``bin/tvm-deploy``) for the board with CMake."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cache, proc
+from .runtime import Runtime
+from .toolchain import Toolchain, cmake, ninja
+
+SOURCE_DIR = Path(__file__).resolve().parent / "harness_src"
+BINARY = "tvm-deploy"
+
+
+def ffi_include_dir() -> Path:
+    import tvm_ffi.libinfo
+
+    return Path(tvm_ffi.libinfo.find_include_path())
+
+
+@dataclass(frozen=True)
+class Harness:
+    path: Path
+    cached: bool
+
+
+def build(tc: Toolchain, rt: Runtime) -> Harness:
+    """Cross-build the harness against the board's runtime; cached by sources, toolchain and runtime."""
+    key = cache.key("harness", cache.sha256_tree(SOURCE_DIR), tc.identity(),
+                    {"runtime": [cache.sha256_file(p) for p in rt.libs]},
+                    {"tvm-ffi headers": md.version("apache-tvm-ffi")})
+
+    def do_build(tmp: Path) -> dict[str, object]:
+        build_dir = tmp / "build"
+        build_dir.mkdir()
+        toolchain_file = tc.cmake_toolchain_file(tmp / "toolchain.cmake")
+        proc.run([cmake(), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja()}", "-S", str(SOURCE_DIR),
+                  "-B", str(build_dir), f"-DCMAKE_TOOLCHAIN_FILE={toolchain_file}",
+                  "-DCMAKE_BUILD_TYPE=Release", f"-DTVM_FFI_INCLUDE_DIR={ffi_include_dir()}",
+                  f"-DTVM_RUNTIME_LIB_DIR={rt.lib_dir}"],
+                 what="configure the deploy harness")
+        proc.run([cmake(), "--build", str(build_dir)], what="build the deploy harness")
+        (tmp / BINARY).write_bytes((build_dir / BINARY).read_bytes())
+        (tmp / BINARY).chmod(0o755)
+        shutil.rmtree(build_dir)
+        return {}
+
+    entry = cache.get("harness", key, do_build)
+    return Harness(entry.path / BINARY, entry.hit)

@@ -1,0 +1,420 @@
+// tvm-deploy: runs a bundled TVM model on the board.
+//   info | run | bench | selftest | serve     (tvm-deploy --help)
+// Exit codes: 0 ok, 1 selftest mismatch, 2 usage or bad input, 3 runtime/model failure.
+#include <limits.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "model.h"
+#include "npy.h"
+#include "serve.h"
+
+namespace tvmbundle {
+namespace {
+
+constexpr const char* kVersion = "tvm-deploy 1";
+constexpr const char* kUsage =
+    "usage: tvm-deploy [--bundle DIR] [--threads N] COMMAND [ARGS]\n"
+    "\n"
+    "commands:\n"
+    "  info [--json]                         bundle id, board, model signature, versions\n"
+    "  run [--output-dir DIR] IN.npy...      run once; inputs in order or as NAME=IN.npy;\n"
+    "                                        writes DIR/<output name>.npy (default DIR: .)\n"
+    "  bench [--warmup N] [--repeat N] [--json]   latency: mean/p50/p90/min/max in ms\n"
+    "  selftest [--json]                     run the bundled inputs, compare with the bundled outputs\n"
+    "  serve [--listen HOST:PORT]            HTTP inference service (GET /healthz, GET /v1/info,\n"
+    "                                        POST /v1/infer with .npy bodies)\n"
+    "\n"
+    "options:\n"
+    "  --bundle DIR   the bundle folder (default: the folder above this program's bin/)\n"
+    "  --threads N    TVM thread pool size (default: TVM's choice, or TVM_NUM_THREADS)\n"
+    "\n"
+    "exit codes: 0 ok, 1 selftest mismatch, 2 usage or bad input, 3 model or runtime failure\n";
+
+struct Usage : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+std::string DefaultBundleDir() {
+  char buf[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  if (n <= 0) return ".";
+  std::string exe(buf, size_t(n));
+  // <bundle>/bin/tvm-deploy -> <bundle>
+  for (int i = 0; i < 2; ++i) {
+    size_t slash = exe.find_last_of('/');
+    exe = slash == std::string::npos ? "." : (slash == 0 ? "/" : exe.substr(0, slash));
+  }
+  return exe;
+}
+
+std::string JsonEscape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          char b[8];
+          std::snprintf(b, sizeof(b), "\\u%04x", c);
+          out += b;
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out;
+}
+
+std::string SpecsJson(const std::vector<TensorSpec>& specs) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < specs.size(); ++i) {
+    os << (i ? ", " : "") << "{\"name\": \"" << JsonEscape(specs[i].name) << "\", \"dtype\": \""
+       << specs[i].dtype_name << "\", \"shape\": [";
+    for (size_t j = 0; j < specs[i].shape.size(); ++j) os << (j ? ", " : "") << specs[i].shape[j];
+    os << "]}";
+  }
+  os << "]";
+  return os.str();
+}
+
+std::string SanitizeName(const std::string& name) {
+  std::string out;
+  for (char c : name) out += (std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.' || c == '-') ? c : '_';
+  if (out.empty() || out == "." || out == "..") out = "output";
+  return out;
+}
+
+int ParseCount(const std::string& flag, const char* value, int lo) {
+  if (!value) throw Usage(flag + " needs a value");
+  char* end = nullptr;
+  long v = std::strtol(value, &end, 10);
+  if (*end != '\0' || v < lo || v > 1000000) throw Usage(flag + ": expected an integer >= " + std::to_string(lo) + ", got '" + value + "'");
+  return int(v);
+}
+
+// ---- commands -------------------------------------------------------------------------
+
+int CmdInfo(const Bundle& b, const std::vector<std::string>& args) {
+  bool as_json = false;
+  for (const auto& a : args) {
+    if (a == "--json") as_json = true;
+    else throw Usage("info: unknown argument '" + a + "'");
+  }
+  if (as_json) {
+    std::cout << InfoJson(b) << "\n";
+    return 0;
+  }
+  std::cout << "bundle   " << b.bundle_id << "\nname     " << b.name << "\nboard    " << b.board
+            << "\ncompiler apache-tvm " << b.compiler_tvm << ", apache-tvm-ffi " << b.compiler_ffi
+            << "\nruntime  apache-tvm " << b.runtime_tvm << ", apache-tvm-ffi " << b.runtime_ffi << " ("
+            << b.runtime_origin << (b.runtime_platform.empty() ? "" : ", " + b.runtime_platform) << ")\n";
+  for (const auto& s : b.inputs) std::cout << "input    " << s.name << " " << s.dtype_name << ShapeString(s.shape) << "\n";
+  for (const auto& s : b.outputs) std::cout << "output   " << s.name << " " << s.dtype_name << ShapeString(s.shape) << "\n";
+  return 0;
+}
+
+int CmdRun(const Bundle& b, const std::vector<std::string>& args) {
+  std::string out_dir = ".";
+  std::vector<std::string> positional;
+  std::map<std::string, std::string> named;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--output-dir") {
+      if (i + 1 >= args.size()) throw Usage("--output-dir needs a value");
+      out_dir = args[++i];
+    } else if (args[i].rfind("--", 0) == 0) {
+      throw Usage("run: unknown option '" + args[i] + "'");
+    } else {
+      size_t eq = args[i].find('=');
+      if (eq != std::string::npos && eq > 0) named[args[i].substr(0, eq)] = args[i].substr(eq + 1);
+      else positional.push_back(args[i]);
+    }
+  }
+  if (!named.empty() && !positional.empty()) throw Usage("run: give inputs either in order or all as NAME=FILE");
+  std::vector<std::string> files;
+  if (!named.empty()) {
+    for (const auto& kv : named) {
+      bool known = std::any_of(b.inputs.begin(), b.inputs.end(), [&](const TensorSpec& s) { return s.name == kv.first; });
+      if (!known) {
+        std::string names;
+        for (const auto& s : b.inputs) names += (names.empty() ? "" : ", ") + s.name;
+        throw InputError("unknown input '" + kv.first + "'; the model's inputs are: " + names);
+      }
+    }
+    for (const auto& s : b.inputs) {
+      auto it = named.find(s.name);
+      if (it == named.end()) throw InputError("input '" + s.name + "' is missing");
+      files.push_back(it->second);
+    }
+  } else {
+    files = positional;
+  }
+  if (files.size() != b.inputs.size()) {
+    throw InputError("the model takes " + std::to_string(b.inputs.size()) + " input(s), got " +
+                     std::to_string(files.size()));
+  }
+  std::vector<NpyArray> arrays;
+  for (size_t i = 0; i < files.size(); ++i) {
+    try {
+      arrays.push_back(LoadNpy(files[i]));
+    } catch (const InputError& e) {
+      throw InputError("input '" + b.inputs[i].name + "': " + e.what());
+    }
+  }
+  Model model(b);
+  std::vector<NpyArray> outs;
+  try {
+    outs = model.Run(arrays);
+  } catch (const InputError& e) {
+    // Name the file as well as the input, so the user knows which argument to fix.
+    std::string msg = e.what();
+    for (size_t i = 0; i < files.size(); ++i) {
+      std::string tag = "input '" + b.inputs[i].name + "'";
+      if (msg.rfind(tag, 0) == 0) msg = tag + " (" + files[i] + ")" + msg.substr(tag.size());
+    }
+    throw InputError(msg);
+  }
+  for (size_t i = 0; i < outs.size(); ++i) {
+    std::string path = out_dir + "/" + SanitizeName(b.outputs[i].name) + ".npy";
+    SaveNpy(path, outs[i].dtype, outs[i].shape, outs[i].data.data(), outs[i].data.size());
+    std::cout << path << "\n";
+  }
+  return 0;
+}
+
+std::vector<NpyArray> SelftestInputs(const Bundle& b) {
+  std::vector<NpyArray> arrays;
+  for (const auto& rel : b.selftest_inputs) arrays.push_back(LoadNpy(b.Path(rel)));
+  return arrays;
+}
+
+int CmdBench(const Bundle& b, const std::vector<std::string>& args) {
+  int warmup = 3, repeat = 20;
+  bool as_json = false;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--warmup") warmup = ParseCount("--warmup", i + 1 < args.size() ? args[++i].c_str() : nullptr, 0);
+    else if (args[i] == "--repeat") repeat = ParseCount("--repeat", i + 1 < args.size() ? args[++i].c_str() : nullptr, 1);
+    else if (args[i] == "--json") as_json = true;
+    else throw Usage("bench: unknown argument '" + args[i] + "'");
+  }
+  Model model(b);
+  std::vector<tvm::ffi::Tensor> inputs = model.MakeInputs(SelftestInputs(b));
+  for (int i = 0; i < warmup; ++i) model.Invoke(inputs);
+  std::vector<double> ms;
+  for (int i = 0; i < repeat; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    model.Invoke(inputs);
+    auto t1 = std::chrono::steady_clock::now();
+    ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+  }
+  std::vector<double> sorted = ms;
+  std::sort(sorted.begin(), sorted.end());
+  auto pct = [&](double p) { return sorted[std::min(sorted.size() - 1, size_t(std::ceil(p * sorted.size())) - (p > 0 ? 1 : 0))]; };
+  double mean = 0;
+  for (double v : ms) mean += v / ms.size();
+  int threads = RuntimeThreads();
+  char line[512];
+  if (as_json) {
+    std::snprintf(line, sizeof(line),
+                  "{\"mean_ms\": %.4f, \"p50_ms\": %.4f, \"p90_ms\": %.4f, \"min_ms\": %.4f, \"max_ms\": %.4f, "
+                  "\"repeat\": %d, \"warmup\": %d, \"threads\": %d}",
+                  mean, pct(0.5), pct(0.9), sorted.front(), sorted.back(), repeat, warmup, threads);
+  } else {
+    std::snprintf(line, sizeof(line),
+                  "mean %.3f ms  p50 %.3f ms  p90 %.3f ms  min %.3f ms  max %.3f ms  (%d runs after %d warm-up, "
+                  "%d threads)",
+                  mean, pct(0.5), pct(0.9), sorted.front(), sorted.back(), repeat, warmup, threads);
+  }
+  std::cout << line << "\n";
+  return 0;
+}
+
+double AsDouble(const NpyArray& a, int64_t i) {
+  const uint8_t* p = a.data.data();
+  switch (a.dtype.code) {
+    case kDLFloat:
+      if (a.dtype.bits == 32) { float v; std::memcpy(&v, p + 4 * i, 4); return v; }
+      if (a.dtype.bits == 64) { double v; std::memcpy(&v, p + 8 * i, 8); return v; }
+      if (a.dtype.bits == 16) {
+        uint16_t h; std::memcpy(&h, p + 2 * i, 2);
+        int e = (h >> 10) & 0x1f, m = h & 0x3ff; double s = (h & 0x8000) ? -1 : 1;
+        if (e == 0) return s * std::ldexp(m, -24);
+        if (e == 31) return m ? NAN : s * INFINITY;
+        return s * std::ldexp(m + 1024, e - 25);
+      }
+      break;
+    case kDLInt:
+      if (a.dtype.bits == 8) return int8_t(p[i]);
+      if (a.dtype.bits == 16) { int16_t v; std::memcpy(&v, p + 2 * i, 2); return v; }
+      if (a.dtype.bits == 32) { int32_t v; std::memcpy(&v, p + 4 * i, 4); return v; }
+      if (a.dtype.bits == 64) { int64_t v; std::memcpy(&v, p + 8 * i, 8); return double(v); }
+      break;
+    case kDLUInt:
+    case kDLBool:
+      if (a.dtype.bits == 8) return p[i];
+      if (a.dtype.bits == 16) { uint16_t v; std::memcpy(&v, p + 2 * i, 2); return v; }
+      if (a.dtype.bits == 32) { uint32_t v; std::memcpy(&v, p + 4 * i, 4); return v; }
+      if (a.dtype.bits == 64) { uint64_t v; std::memcpy(&v, p + 8 * i, 8); return double(v); }
+      break;
+  }
+  return NAN;
+}
+
+int CmdSelftest(const Bundle& b, const std::vector<std::string>& args) {
+  bool as_json = false;
+  for (const auto& a : args) {
+    if (a == "--json") as_json = true;
+    else throw Usage("selftest: unknown argument '" + a + "'");
+  }
+  if (b.selftest_expected.size() != b.outputs.size()) {
+    throw RuntimeFailure("manifest.json: selftest.expected lists " + std::to_string(b.selftest_expected.size()) +
+                         " file(s) for " + std::to_string(b.outputs.size()) + " output(s)");
+  }
+  Model model(b);
+  std::vector<NpyArray> outs = model.Run(SelftestInputs(b));
+  bool all_ok = true;
+  std::ostringstream js, text;
+  js << "{\"passed\": PASSED, \"rtol\": " << b.rtol << ", \"atol\": " << b.atol << ", \"outputs\": [";
+  for (size_t k = 0; k < outs.size(); ++k) {
+    NpyArray want = LoadNpy(b.Path(b.selftest_expected[k]));
+    const NpyArray& got = outs[k];
+    const std::string& name = b.outputs[k].name;
+    bool ok = true;
+    double worst = 0;
+    int64_t worst_at = -1;
+    std::string why;
+    if (got.shape != want.shape || DTypeName(got.dtype) != DTypeName(want.dtype)) {
+      ok = false;
+      why = "got " + DTypeName(got.dtype) + ShapeString(got.shape) + ", expected " + DTypeName(want.dtype) +
+            ShapeString(want.shape);
+    } else {
+      bool exact = got.dtype.code != kDLFloat;
+      for (int64_t i = 0; i < got.NumElements(); ++i) {
+        double g = AsDouble(got, i), w = AsDouble(want, i);
+        double diff = std::fabs(g - w);
+        bool bad = exact ? g != w : !(diff <= b.atol + b.rtol * std::fabs(w)) && !(std::isnan(g) && std::isnan(w));
+        if (std::isnan(diff) && !(std::isnan(g) && std::isnan(w))) diff = INFINITY;
+        if (diff > worst || worst_at < 0) {
+          if (diff > worst) worst = diff;
+          if (worst_at < 0 || diff >= worst) worst_at = i;
+        }
+        if (bad && ok) {
+          ok = false;
+          why = "element " + std::to_string(i) + ": got " + std::to_string(g) + ", expected " + std::to_string(w);
+        }
+      }
+    }
+    all_ok = all_ok && ok;
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "%.6g", worst);
+    js << (k ? ", " : "") << "{\"name\": \"" << JsonEscape(name) << "\", \"passed\": " << (ok ? "true" : "false")
+       << ", \"max_abs_diff\": " << (std::isfinite(worst) ? buf : "1e308") << ", \"worst_index\": " << worst_at;
+    if (!ok) js << ", \"problem\": \"" << JsonEscape(why) << "\"";
+    js << "}";
+    text << (ok ? "PASS " : "FAIL ") << name << ": max abs diff " << buf;
+    if (!ok) text << " (" << why << ")";
+    text << "\n";
+  }
+  js << "]}";
+  std::string j = js.str();
+  j.replace(j.find("PASSED"), 6, all_ok ? "true" : "false");
+  if (as_json) {
+    std::cout << j << "\n";
+  } else {
+    std::cout << text.str() << (all_ok ? "selftest passed" : "selftest FAILED") << " (rtol " << b.rtol << ", atol "
+              << b.atol << ")\n";
+  }
+  if (!all_ok) std::cerr << "tvm-deploy: selftest failed\n" << text.str();
+  return all_ok ? 0 : 1;
+}
+
+}  // namespace
+
+std::string InfoJson(const Bundle& b) {
+  std::ostringstream os;
+  os << "{\"bundle_id\": \"" << JsonEscape(b.bundle_id) << "\", \"name\": \"" << JsonEscape(b.name)
+     << "\", \"board\": \"" << JsonEscape(b.board) << "\", \"inputs\": " << SpecsJson(b.inputs)
+     << ", \"outputs\": " << SpecsJson(b.outputs) << ", \"compiler\": {\"apache-tvm\": \"" << JsonEscape(b.compiler_tvm)
+     << "\", \"apache-tvm-ffi\": \"" << JsonEscape(b.compiler_ffi) << "\"}, \"runtime\": {\"origin\": \""
+     << JsonEscape(b.runtime_origin) << "\", \"apache-tvm\": \"" << JsonEscape(b.runtime_tvm)
+     << "\", \"apache-tvm-ffi\": \"" << JsonEscape(b.runtime_ffi) << "\", \"platform\": \""
+     << JsonEscape(b.runtime_platform) << "\"}, \"harness\": \"" << kVersion << "\"}";
+  return os.str();
+}
+
+int Main(int argc, char** argv) {
+  std::string bundle_dir, threads;
+  std::vector<std::string> args(argv + 1, argv + argc);
+  size_t i = 0;
+  for (; i < args.size(); ++i) {
+    if (args[i] == "--help" || args[i] == "-h") {
+      std::cout << kUsage;
+      return 0;
+    } else if (args[i] == "--version") {
+      std::cout << kVersion << "\n";
+      return 0;
+    } else if (args[i] == "--bundle") {
+      if (i + 1 >= args.size()) throw Usage("--bundle needs a value");
+      bundle_dir = args[++i];
+    } else if (args[i] == "--threads") {
+      threads = std::to_string(ParseCount("--threads", i + 1 < args.size() ? args[i + 1].c_str() : nullptr, 1));
+      ++i;
+    } else {
+      break;
+    }
+  }
+  if (i >= args.size()) throw Usage("no command given");
+  std::string cmd = args[i];
+  std::vector<std::string> rest(args.begin() + i + 1, args.end());
+  if (std::find(rest.begin(), rest.end(), "--help") != rest.end()) {
+    std::cout << kUsage;
+    return 0;
+  }
+  // TVM sizes its thread pool from TVM_NUM_THREADS when the pool first starts.
+  if (!threads.empty()) setenv("TVM_NUM_THREADS", threads.c_str(), 1);
+  if (cmd != "info" && cmd != "run" && cmd != "bench" && cmd != "selftest" && cmd != "serve") {
+    throw Usage("unknown command '" + cmd + "'");
+  }
+  Bundle b = Bundle::Load(bundle_dir.empty() ? DefaultBundleDir() : bundle_dir);
+  if (cmd == "info") return CmdInfo(b, rest);
+  if (cmd == "run") return CmdRun(b, rest);
+  if (cmd == "bench") return CmdBench(b, rest);
+  if (cmd == "selftest") return CmdSelftest(b, rest);
+  return Serve(b, rest);
+}
+
+}  // namespace tvmbundle
+
+int main(int argc, char** argv) {
+  using namespace tvmbundle;
+  try {
+    return Main(argc, argv);
+  } catch (const Usage& e) {
+    std::cerr << "tvm-deploy: " << e.what() << "\n(tvm-deploy --help lists the commands)\n";
+    return 2;
+  } catch (const InputError& e) {
+    std::cerr << "tvm-deploy: error: " << e.what() << "\n";
+    return 2;
+  } catch (const RuntimeFailure& e) {
+    std::cerr << "tvm-deploy: error: " << e.what() << "\n";
+    return 3;
+  } catch (const std::exception& e) {
+    std::cerr << "tvm-deploy: error: " << e.what() << "\n";
+    return 3;
+  }
+}

@@ -1,0 +1,216 @@
+"""Checking a bundle before it ships.
+
+Static checks first (manifest checksums, every ELF's machine and glibc /
+libstdc++ needs against the board's floor, every NEEDED library resolvable on
+the board), then the bundle's own ``selftest`` and ``info`` run under
+qemu-user for foreign boards or natively.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import bundle as bundle_mod
+from . import cache, elf, proc, recipe as recipe_mod
+from .errors import UserError, VerifyError
+from .progress import Progress
+
+
+@dataclass(frozen=True)
+class BoardFacts:
+    """What verification needs to know about the board, from a recipe or from the manifest."""
+
+    name: str
+    machine: str
+    bits: int
+    float_abi: str | None
+    glibc: str
+    glibcxx: str | None
+    base_libs: tuple[str, ...]
+    qemu: str              # "" to run natively
+    sysroot: str
+
+    @classmethod
+    def from_recipe(cls, r: recipe_mod.Recipe) -> BoardFacts:
+        return cls(r.name, r.machine.elf_machine, r.machine.bits, r.machine.float_abi, r.machine.glibc,
+                   r.machine.glibcxx, r.machine.base_libs, r.qemu, r.ld_prefix)
+
+
+@dataclass
+class Report:
+    bundle: str
+    board: str
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)   # (check, passed, detail)
+    info: dict[str, Any] = field(default_factory=dict)
+    selftest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{name}: {detail}" for name, ok, detail in self.checks if not ok]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def add(self, name: str, problems: list[str], passed_detail: str = "") -> None:
+        if problems:
+            for p in problems:
+                self.checks.append((name, False, p))
+        else:
+            self.checks.append((name, True, passed_detail))
+
+
+def board_for(manifest: Mapping[str, Any], board: str | recipe_mod.Recipe | None) -> BoardFacts:
+    if isinstance(board, recipe_mod.Recipe):
+        return BoardFacts.from_recipe(board)
+    name = board or manifest.get("board", {}).get("name", "")
+    try:
+        return BoardFacts.from_recipe(recipe_mod.load(name))
+    except UserError:
+        if board:       # the user named a board that does not load: say so
+            raise
+    # The bundle's own record of its board: enough for every check; qemu and sysroot by convention.
+    b = manifest["board"]
+    fam = b["cpu_family"]
+    mach, bits, qemu, _ = recipe_mod.CPU_FAMILIES[fam]
+    native = fam == recipe_mod.host_cpu_family()
+    return BoardFacts(b["name"], mach, bits, b.get("float_abi"), b["glibc"], b.get("glibcxx"),
+                      tuple(b.get("base_libs", recipe_mod.BASE_LIBS)), "" if native else qemu,
+                      "" if native else f"/usr/{b['triple']}")
+
+
+def verify(bundle_path: Path | str, *, board: str | recipe_mod.Recipe | None = None, run: bool = True,
+           progress: Progress | None = None) -> Report:
+    """Verify a bundle tarball; raises VerifyError listing every problem found."""
+    progress = progress or Progress(quiet=True)
+    bundle_path = Path(bundle_path)
+    with tempfile.TemporaryDirectory(prefix="tvmbundle-verify-") as tmp:
+        top = bundle_mod.extract(bundle_path, Path(tmp))
+        manifest = bundle_mod.read_manifest(top, str(bundle_path))
+        facts = board_for(manifest, board)
+        report = Report(str(bundle_path), facts.name)
+        with progress.step(f"check files of {bundle_path.name}") as s:
+            report.add("files", check_files(top, manifest))
+            report.add("elf", check_elves(top, facts))
+            report.add("libraries", check_needed(top, facts))
+            s.done(detail="ok" if report.ok else f"{len(report.failures)} problem(s)")
+        if run and report.ok:
+            with progress.step(f"run the selftest {'under ' + facts.qemu if facts.qemu else 'natively'}") as s:
+                run_harness(top, facts, report)
+                s.done(detail=_selftest_summary(report.selftest))
+        elif run:
+            report.checks.append(("selftest", True, "not run: the static checks failed"))
+    if not report.ok:
+        raise VerifyError(str(bundle_path), report.failures)
+    return report
+
+
+def check_files(top: Path, manifest: Mapping[str, Any]) -> list[str]:
+    problems = []
+    listed = {}
+    for entry in manifest.get("files", []):
+        rel = entry.get("path", "")
+        listed[rel] = entry
+        p = top / rel
+        if not p.is_file():
+            problems.append(f"{rel}: listed in the manifest but missing")
+            continue
+        if p.stat().st_size != entry.get("size"):
+            problems.append(f"{rel}: size {p.stat().st_size} differs from the manifest's {entry.get('size')}")
+        elif cache.sha256_file(p) != entry.get("sha256"):
+            problems.append(f"{rel}: sha256 differs from the manifest (the file was changed)")
+        mode = "0755" if os.access(p, os.X_OK) else "0644"
+        if mode != entry.get("mode"):
+            problems.append(f"{rel}: mode {mode} differs from the manifest's {entry.get('mode')}")
+    for p in sorted(top.rglob("*")):
+        rel = p.relative_to(top).as_posix()
+        if p.is_file() and rel != bundle_mod.MANIFEST and rel not in listed:
+            problems.append(f"{rel}: present but not listed in the manifest")
+    return problems
+
+
+def _elves(top: Path) -> list[tuple[str, elf.ElfInfo]]:
+    out = []
+    for p in sorted(top.rglob("*")):
+        if p.is_file() and elf.is_elf(p):
+            info = elf.inspect(p)
+            out.append((p.relative_to(top).as_posix(), info))
+    return out
+
+
+def check_elves(top: Path, facts: BoardFacts) -> list[str]:
+    problems = []
+    for rel, info in _elves(top):
+        info = _renamed(info, rel)
+        problems += elf.check_compat(info, machine=facts.machine, bits=facts.bits, float_abi=facts.float_abi,
+                                     glibc=facts.glibc, glibcxx=facts.glibcxx)
+    return problems
+
+
+def _renamed(info: elf.ElfInfo, rel: str) -> elf.ElfInfo:
+    import dataclasses
+
+    return dataclasses.replace(info, path=rel)
+
+
+def check_needed(top: Path, facts: BoardFacts) -> list[str]:
+    bundled = {p.name for p in (top / "lib").glob("*")} if (top / "lib").is_dir() else set()
+    problems = []
+    for rel, info in _elves(top):
+        for lib in info.needed:
+            if lib not in bundled and lib not in facts.base_libs:
+                problems.append(f"{rel}: needs {lib}, which is neither in the bundle's lib/ nor in the "
+                                f"{facts.name} base system")
+    return problems
+
+
+def harness_argv(top: Path, facts: BoardFacts, *args: str) -> list[str]:
+    exe = str(top / "bin" / "tvm-deploy")
+    if not facts.qemu:
+        return [exe, *args]
+    qemu = proc.which(facts.qemu, why=f"run {facts.name} programs on this machine")
+    argv = [qemu]
+    if facts.sysroot:
+        argv += ["-L", facts.sysroot]
+    return [*argv, exe, *args]
+
+
+def run_harness(top: Path, facts: BoardFacts, report: Report) -> None:
+    info = proc.run(harness_argv(top, facts, "info", "--json"), check=False, timeout=600)
+    if info.returncode != 0:
+        report.add("info", [f"`tvm-deploy info` exited {info.returncode}: {_last(info.stderr or info.stdout)}"])
+        return
+    try:
+        report.info = json.loads(info.stdout)
+        report.add("info", [], f"bundle {report.info.get('bundle_id', '?')[:12]}")
+    except ValueError:
+        report.add("info", [f"`tvm-deploy info --json` printed no JSON: {_last(info.stdout)}"])
+    st = proc.run(harness_argv(top, facts, "selftest", "--json"), check=False, timeout=1800)
+    try:
+        report.selftest = json.loads(st.stdout)
+    except ValueError:
+        report.selftest = {}
+    if st.returncode != 0:
+        report.add("selftest", [f"`tvm-deploy selftest` exited {st.returncode}: "
+                                f"{_last(st.stderr) or _selftest_summary(report.selftest)}"])
+    else:
+        report.add("selftest", [], _selftest_summary(report.selftest))
+
+
+def _selftest_summary(st: Mapping[str, Any]) -> str:
+    outs = st.get("outputs") or []
+    if not outs:
+        return ""
+    worst = max((o.get("max_abs_diff", 0.0) or 0.0) for o in outs)
+    return f"{len(outs)} output(s) within tolerance, worst abs diff {worst:.3g}" if st.get("passed") else \
+        f"worst abs diff {worst:.3g}"
+
+
+def _last(text: str, n: int = 5) -> str:
+    return " | ".join(text.strip().splitlines()[-n:])
