@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 # Imported on first use: `tvmbundle show` should not pay for numpy, onnx and TVM.
 _LAZY = {
     "make": "api", "MakeResult": "api",
-    "verify": "verify", "Report": "verify",
+    "verify": "verifier", "Report": "verifier",
     "UserError": "errors",
     "Recipe": "recipe", "load_recipe": ("recipe", "load"),
 }

@@ -16,7 +16,7 @@ from . import cache, harness, model as model_mod, onnxmodel, runtime, toolchain
 from . import recipe as recipe_mod
 from .errors import UserError, one_of
 from .progress import Progress, StepRecord
-from .verify import Report, verify
+from .verifier import Report, verify
 
 
 @dataclass(frozen=True)

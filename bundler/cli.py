@@ -120,7 +120,7 @@ def cmd_make(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify
+    from .verifier import verify
 
     progress = Progress(quiet=args.quiet or args.json)
     report = verify(Path(args.bundle), board=args.board, run=not args.no_run, progress=progress)

@@ -2,6 +2,7 @@
 //   info | run | bench | selftest | serve     (tvm-deploy --help)
 // Exit codes: 0 ok, 1 selftest mismatch, 2 usage or bad input, 3 runtime/model failure.
 #include <limits.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -188,6 +189,9 @@ int CmdRun(const Bundle& b, const std::vector<std::string>& args) {
       if (msg.rfind(tag, 0) == 0) msg = tag + " (" + files[i] + ")" + msg.substr(tag.size());
     }
     throw InputError(msg);
+  }
+  if (mkdir(out_dir.c_str(), 0755) != 0 && errno != EEXIST) {
+    throw InputError("--output-dir " + out_dir + ": cannot create (" + std::strerror(errno) + ")");
   }
   for (size_t i = 0; i < outs.size(); ++i) {
     std::string path = out_dir + "/" + SanitizeName(b.outputs[i].name) + ".npy";
