@@ -27,9 +27,13 @@ class Harness:
     cached: bool
 
 
-def build(tc: Toolchain, rt: Runtime) -> Harness:
-    """Cross-build the harness against the board's runtime; cached by sources, toolchain and runtime."""
-    key = cache.key("harness", cache.sha256_tree(SOURCE_DIR), tc.identity(),
+def build(tc: Toolchain, rt: Runtime, options: dict[str, str] | None = None) -> Harness:
+    """Cross-build the harness against the board's runtime; cached by sources, toolchain and runtime.
+
+    ``options`` are extra CMake cache settings (e.g. ``{"TVMBUNDLE_SANITIZE": "address"}`` for tests).
+    """
+    options = dict(options or {})
+    key = cache.key("harness", cache.sha256_tree(SOURCE_DIR), tc.identity(), options,
                     {"runtime": [cache.sha256_file(p) for p in rt.libs]},
                     {"tvm-ffi headers": md.version("apache-tvm-ffi")})
 
@@ -40,7 +44,8 @@ def build(tc: Toolchain, rt: Runtime) -> Harness:
         proc.run([cmake(), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja()}", "-S", str(SOURCE_DIR),
                   "-B", str(build_dir), f"-DCMAKE_TOOLCHAIN_FILE={toolchain_file}",
                   "-DCMAKE_BUILD_TYPE=Release", f"-DTVM_FFI_INCLUDE_DIR={ffi_include_dir()}",
-                  f"-DTVM_RUNTIME_LIB_DIR={rt.lib_dir}"],
+                  f"-DTVM_RUNTIME_LIB_DIR={rt.lib_dir}",
+                  *(f"-D{k}={v}" for k, v in sorted(options.items()))],
                  what="configure the deploy harness")
         proc.run([cmake(), "--build", str(build_dir)], what="build the deploy harness")
         (tmp / BINARY).write_bytes((build_dir / BINARY).read_bytes())

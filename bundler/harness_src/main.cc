@@ -279,66 +279,83 @@ double AsDouble(const NpyArray& a, int64_t i) {
   return NAN;
 }
 
+struct OutputCheck {
+  std::string name;
+  bool ok = true;
+  double worst = 0;
+  int64_t worst_at = -1;
+  std::string why;
+};
+
+std::vector<OutputCheck> CompareOutputs(const Bundle& b, const std::vector<NpyArray>& outs) {
+  std::vector<OutputCheck> checks;
+  for (size_t k = 0; k < outs.size(); ++k) {
+    NpyArray want = LoadNpy(b.Path(b.selftest_expected[k]));
+    const NpyArray& got = outs[k];
+    OutputCheck c;
+    c.name = b.outputs[k].name;
+    if (got.shape != want.shape || DTypeName(got.dtype) != DTypeName(want.dtype)) {
+      c.ok = false;
+      c.why = "got " + DTypeName(got.dtype) + ShapeString(got.shape) + ", expected " + DTypeName(want.dtype) +
+              ShapeString(want.shape);
+    } else {
+      bool exact = got.dtype.code != kDLFloat;
+      for (int64_t i = 0; i < got.NumElements(); ++i) {
+        double g = AsDouble(got, i), w = AsDouble(want, i);
+        bool both_nan = std::isnan(g) && std::isnan(w);
+        double diff = both_nan ? 0.0 : std::fabs(g - w);
+        if (std::isnan(diff)) diff = INFINITY;
+        bool bad = exact ? (g != w && !both_nan) : !(diff <= b.atol + b.rtol * std::fabs(w));
+        if (c.worst_at < 0 || diff > c.worst) {
+          c.worst = diff;
+          c.worst_at = i;
+        }
+        if (bad && c.ok) {
+          c.ok = false;
+          c.why = "element " + std::to_string(i) + ": got " + std::to_string(g) + ", expected " + std::to_string(w);
+        }
+      }
+    }
+    checks.push_back(std::move(c));
+  }
+  return checks;
+}
+
+void CheckSelftestFiles(const Bundle& b) {
+  if (b.selftest_expected.size() != b.outputs.size()) {
+    throw RuntimeFailure("manifest.json: selftest.expected lists " + std::to_string(b.selftest_expected.size()) +
+                         " file(s) for " + std::to_string(b.outputs.size()) + " output(s)");
+  }
+}
+
 int CmdSelftest(const Bundle& b, const std::vector<std::string>& args) {
   bool as_json = false;
   for (const auto& a : args) {
     if (a == "--json") as_json = true;
     else throw Usage("selftest: unknown argument '" + a + "'");
   }
-  if (b.selftest_expected.size() != b.outputs.size()) {
-    throw RuntimeFailure("manifest.json: selftest.expected lists " + std::to_string(b.selftest_expected.size()) +
-                         " file(s) for " + std::to_string(b.outputs.size()) + " output(s)");
-  }
+  CheckSelftestFiles(b);
   Model model(b);
-  std::vector<NpyArray> outs = model.Run(SelftestInputs(b));
-  bool all_ok = true;
+  std::vector<OutputCheck> checks = CompareOutputs(b, model.Run(SelftestInputs(b)));
+  bool all_ok = std::all_of(checks.begin(), checks.end(), [](const OutputCheck& c) { return c.ok; });
   std::ostringstream js, text;
-  js << "{\"passed\": PASSED, \"rtol\": " << b.rtol << ", \"atol\": " << b.atol << ", \"outputs\": [";
-  for (size_t k = 0; k < outs.size(); ++k) {
-    NpyArray want = LoadNpy(b.Path(b.selftest_expected[k]));
-    const NpyArray& got = outs[k];
-    const std::string& name = b.outputs[k].name;
-    bool ok = true;
-    double worst = 0;
-    int64_t worst_at = -1;
-    std::string why;
-    if (got.shape != want.shape || DTypeName(got.dtype) != DTypeName(want.dtype)) {
-      ok = false;
-      why = "got " + DTypeName(got.dtype) + ShapeString(got.shape) + ", expected " + DTypeName(want.dtype) +
-            ShapeString(want.shape);
-    } else {
-      bool exact = got.dtype.code != kDLFloat;
-      for (int64_t i = 0; i < got.NumElements(); ++i) {
-        double g = AsDouble(got, i), w = AsDouble(want, i);
-        double diff = std::fabs(g - w);
-        bool bad = exact ? g != w : !(diff <= b.atol + b.rtol * std::fabs(w)) && !(std::isnan(g) && std::isnan(w));
-        if (std::isnan(diff) && !(std::isnan(g) && std::isnan(w))) diff = INFINITY;
-        if (diff > worst || worst_at < 0) {
-          if (diff > worst) worst = diff;
-          if (worst_at < 0 || diff >= worst) worst_at = i;
-        }
-        if (bad && ok) {
-          ok = false;
-          why = "element " + std::to_string(i) + ": got " + std::to_string(g) + ", expected " + std::to_string(w);
-        }
-      }
-    }
-    all_ok = all_ok && ok;
+  js << "{\"passed\": " << (all_ok ? "true" : "false") << ", \"rtol\": " << b.rtol << ", \"atol\": " << b.atol
+     << ", \"outputs\": [";
+  for (size_t k = 0; k < checks.size(); ++k) {
+    const OutputCheck& c = checks[k];
     char buf[64];
-    std::snprintf(buf, sizeof(buf), "%.6g", worst);
-    js << (k ? ", " : "") << "{\"name\": \"" << JsonEscape(name) << "\", \"passed\": " << (ok ? "true" : "false")
-       << ", \"max_abs_diff\": " << (std::isfinite(worst) ? buf : "1e308") << ", \"worst_index\": " << worst_at;
-    if (!ok) js << ", \"problem\": \"" << JsonEscape(why) << "\"";
+    std::snprintf(buf, sizeof(buf), "%.6g", c.worst);
+    js << (k ? ", " : "") << "{\"name\": \"" << JsonEscape(c.name) << "\", \"passed\": " << (c.ok ? "true" : "false")
+       << ", \"max_abs_diff\": " << (std::isfinite(c.worst) ? buf : "1e308") << ", \"worst_index\": " << c.worst_at;
+    if (!c.ok) js << ", \"problem\": \"" << JsonEscape(c.why) << "\"";
     js << "}";
-    text << (ok ? "PASS " : "FAIL ") << name << ": max abs diff " << buf;
-    if (!ok) text << " (" << why << ")";
+    text << (c.ok ? "PASS " : "FAIL ") << c.name << ": max abs diff " << buf;
+    if (!c.ok) text << " (" << c.why << ")";
     text << "\n";
   }
   js << "]}";
-  std::string j = js.str();
-  j.replace(j.find("PASSED"), 6, all_ok ? "true" : "false");
   if (as_json) {
-    std::cout << j << "\n";
+    std::cout << js.str() << "\n";
   } else {
     std::cout << text.str() << (all_ok ? "selftest passed" : "selftest FAILED") << " (rtol " << b.rtol << ", atol "
               << b.atol << ")\n";
@@ -348,6 +365,17 @@ int CmdSelftest(const Bundle& b, const std::vector<std::string>& args) {
 }
 
 }  // namespace
+
+bool RunSelftestQuiet(const Bundle& b, Model& model, std::string* why) {
+  CheckSelftestFiles(b);
+  for (const OutputCheck& c : CompareOutputs(b, model.Run(SelftestInputs(b)))) {
+    if (!c.ok) {
+      *why = "output '" + c.name + "': " + c.why;
+      return false;
+    }
+  }
+  return true;
+}
 
 std::string InfoJson(const Bundle& b) {
   std::ostringstream os;

@@ -146,6 +146,10 @@ Bundle Bundle::Load(const std::string& root) {
   b.selftest_expected = ReadStrings(r, r.Arr(st, "expected", "selftest.expected"), "selftest.expected");
   b.rtol = r.Num(st, "rtol", "selftest.rtol");
   b.atol = r.Num(st, "atol", "selftest.atol");
+  auto svc = m.find(ffi::String("service"));
+  if (svc != m.end()) {
+    if (auto o = (*svc).second.try_cast<json::Object>()) b.listen = r.StrOr(*o, "listen", "");
+  }
   return b;
 }
 

@@ -37,6 +37,7 @@ struct Bundle {
   std::vector<TensorSpec> inputs, outputs;
   std::vector<std::string> selftest_inputs, selftest_expected;
   double rtol = 1e-3, atol = 1e-4;
+  std::string listen;  // service.listen, the default address of `serve`
 
   static Bundle Load(const std::string& root);
   std::string Path(const std::string& rel) const { return root + "/" + rel; }

@@ -9,7 +9,20 @@
 
 namespace tvmbundle {
 
+struct RequestHead {
+  std::string method, target;
+  bool keep_alive = true;
+  bool has_length = false;
+  bool chunked = false;
+  size_t content_length = 0;
+};
+
+// Parses a request line and headers ending in the blank line; false with *problem on bad input.
+bool ParseRequestHead(const std::string& head, RequestHead* out, std::string* problem);
+
 std::string InfoJson(const Bundle& b);
+// The bundle's selftest without printing: false and *why on a mismatch.
+bool RunSelftestQuiet(const Bundle& b, Model& model, std::string* why);
 int Serve(const Bundle& b, const std::vector<std::string>& args);
 
 }  // namespace tvmbundle
