@@ -36,6 +36,7 @@ constexpr const char* kUsage =
     "  selftest [--json]                     run the bundled inputs, compare with the bundled outputs\n"
     "  serve [--listen HOST:PORT]            HTTP inference service (GET /healthz, GET /v1/info,\n"
     "                                        POST /v1/infer with .npy bodies)\n"
+    "  probe [HOST:PORT] [--timeout S]       exit 0 when the service there answers /healthz with 200\n"
     "\n"
     "options:\n"
     "  --bundle DIR   the bundle folder (default: the folder above this program's bin/)\n"
@@ -419,7 +420,8 @@ int Main(int argc, char** argv) {
   }
   // TVM sizes its thread pool from TVM_NUM_THREADS when the pool first starts.
   if (!threads.empty()) setenv("TVM_NUM_THREADS", threads.c_str(), 1);
-  if (cmd != "info" && cmd != "run" && cmd != "bench" && cmd != "selftest" && cmd != "serve") {
+  if (cmd != "info" && cmd != "run" && cmd != "bench" && cmd != "selftest" && cmd != "serve" &&
+      cmd != "probe") {
     throw Usage("unknown command '" + cmd + "'");
   }
   Bundle b = Bundle::Load(bundle_dir.empty() ? DefaultBundleDir() : bundle_dir);
@@ -427,6 +429,7 @@ int Main(int argc, char** argv) {
   if (cmd == "run") return CmdRun(b, rest);
   if (cmd == "bench") return CmdBench(b, rest);
   if (cmd == "selftest") return CmdSelftest(b, rest);
+  if (cmd == "probe") return Probe(b, rest);
   return Serve(b, rest);
 }
 

@@ -284,6 +284,55 @@ int Listen(const std::string& listen, std::string* err) {
 
 }  // namespace
 
+int Probe(const Bundle& b, const std::vector<std::string>& args) {
+  std::string listen = b.listen.empty() ? "127.0.0.1:8470" : b.listen;
+  int timeout = 5;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--timeout" && i + 1 < args.size()) timeout = std::max(1, std::atoi(args[++i].c_str()));
+    else if (args[i].rfind("--", 0) != 0) listen = args[i];
+    else {
+      std::cerr << "tvm-deploy: probe: unknown argument '" << args[i] << "'\n";
+      return 2;
+    }
+  }
+  size_t colon = listen.rfind(':');
+  std::string host = colon == std::string::npos ? listen : listen.substr(0, colon);
+  std::string port = colon == std::string::npos ? "8470" : listen.substr(colon + 1);
+  if (host == "0.0.0.0" || host.empty()) host = "127.0.0.1";
+  if (host == "::" || host == "[::]") host = "::1";
+  if (host.size() > 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
+  addrinfo hints{}, *res = nullptr;
+  hints.ai_socktype = SOCK_STREAM;
+  if (getaddrinfo(host.c_str(), port.c_str(), &hints, &res) != 0 || !res) {
+    std::cerr << "tvm-deploy: probe: cannot resolve " << listen << "\n";
+    return 1;
+  }
+  int fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  timeval tv{timeout, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+  int rc = connect(fd, res->ai_addr, res->ai_addrlen);
+  freeaddrinfo(res);
+  if (rc != 0) {
+    std::cerr << "tvm-deploy: probe: " << listen << ": " << std::strerror(errno) << "\n";
+    close(fd);
+    return 1;
+  }
+  signal(SIGPIPE, SIG_IGN);
+  SendAll(fd, "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+  char buf[256];
+  ssize_t n = recv(fd, buf, sizeof(buf) - 1, 0);
+  close(fd);
+  std::string reply = n > 0 ? std::string(buf, size_t(n)) : "";
+  std::string line = reply.substr(0, reply.find("\r\n"));
+  if (line.rfind("HTTP/1.1 200", 0) == 0) {
+    std::cout << "healthy\n";
+    return 0;
+  }
+  std::cerr << "tvm-deploy: probe: " << listen << ": " << (line.empty() ? "no answer" : line) << "\n";
+  return 1;
+}
+
 bool ParseRequestHead(const std::string& head, RequestHead* out, std::string* problem) {
   size_t eol = head.find("\r\n");
   if (eol == std::string::npos) {

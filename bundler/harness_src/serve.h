@@ -24,6 +24,8 @@ std::string InfoJson(const Bundle& b);
 // The bundle's selftest without printing: false and *why on a mismatch.
 bool RunSelftestQuiet(const Bundle& b, Model& model, std::string* why);
 int Serve(const Bundle& b, const std::vector<std::string>& args);
+// GET /healthz of a running service (default: the manifest's address); exit 0 when it answers 200.
+int Probe(const Bundle& b, const std::vector<std::string>& args);
 
 }  // namespace tvmbundle
 
