@@ -135,6 +135,78 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _target(args: argparse.Namespace):
+    from .ssh import Target
+
+    return Target.parse(args.host, identity=Path(args.identity) if args.identity else None,
+                        known_hosts=Path(args.known_hosts) if args.known_hosts else None,
+                        accept_new_host_key=getattr(args, "accept_new_host_key", False), prefix=args.prefix)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from . import api, onnxmodel, release
+
+    progress = Progress(quiet=args.quiet)
+    target = _target(args)
+    path = Path(args.bundle)
+    if not (path.name.endswith((".tar.gz", ".tgz")) or path.is_file()):
+        # A board name: build (and verify) the bundle first, then deploy it.
+        if not args.model:
+            raise UserError(f"deploy: {args.bundle!r} is not a bundle file; to build one give a board and --model",
+                            hint="tvmbundle deploy dist/net-rpi4-1a2b3c4d.tar.gz --host pi@10.0.0.7, or "
+                                 "tvmbundle deploy rpi4 --model net.onnx --host pi@10.0.0.7")
+        shapes = dict(onnxmodel.parse_input_shape(s) for s in args.input_shape or [])
+        path = api.make(args.bundle, Path(args.model), input_shapes=shapes, progress=progress).bundle
+    result = release.deploy(path, target, keep=args.keep, health_timeout=args.health_timeout,
+                            step_timeout=args.step_timeout, progress=progress)
+    for w in result.warnings:
+        progress.note(f"warning: {w}")
+    if args.json:
+        print(json.dumps({"host": result.host, "bundle_id": result.bundle_id, "previous_id": result.previous_id,
+                          "uploaded_bytes": result.uploaded_bytes, "skipped_bytes": result.skipped_bytes,
+                          "steps": [{"step": n, "seconds": round(t, 3)} for n, t in result.steps],
+                          "warnings": result.warnings}, indent=2))
+    else:
+        print(f"{result.host}: {result.bundle_id[:12]} is current and healthy"
+              + (f" (was {result.previous_id[:12]})" if result.previous_id else ""))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import release
+
+    st = release.status(_target(args), prefix=args.prefix)
+    if args.json:
+        print(json.dumps(st.__dict__, indent=2))
+        return EXIT_OK
+    out = _out()
+    out.print(f"{st.host}  prefix {st.prefix}  service {st.service}  {'healthy' if st.healthy else 'NOT healthy'}")
+    table = Table("", "release", "name", "board", "created", box=None, pad_edge=False)
+    for r in st.releases:
+        table.add_row("*" if r["current"] else "", r["id"][:12], r["name"], r["board"], r["created"])
+    out.print(table if st.releases else "no releases installed")
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from . import release
+
+    progress = Progress(quiet=args.quiet)
+    result = release.rollback(_target(args), to=args.to, prefix=args.prefix, health_timeout=args.health_timeout,
+                              progress=progress)
+    print(f"{result.host}: {result.bundle_id[:12]} is current again"
+          + (f" (was {result.previous_id[:12]})" if result.previous_id else ""))
+    return EXIT_OK
+
+
+def _connection_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--host", required=True, metavar="USER@HOST[:PORT]", help="the device")
+    s.add_argument("--identity", metavar="KEY_FILE", help="private key (default: agent and ~/.ssh keys)")
+    s.add_argument("--known-hosts", metavar="FILE", help="known_hosts to check the device's key against "
+                                                          "(default: ~/.ssh/known_hosts)")
+    s.add_argument("--prefix", metavar="DIR", help="install root on the device (default: the recipe's install.prefix)")
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     out = _out()
     if args.action == "list":
@@ -201,6 +273,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("deploy", help="install a bundle on a device over SSH: atomic switch, health gate, rollback")
+    s.add_argument("bundle", metavar="BUNDLE|BOARD", help="a bundle .tar.gz, or a board to build one for (--model)")
+    s.add_argument("--model", help="with a board: the ONNX model to build and deploy")
+    s.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...")
+    _connection_options(s)
+    s.add_argument("--accept-new-host-key", action="store_true",
+                   help="trust a device seen for the first time and record its key (a changed key is always refused)")
+    s.add_argument("--keep", type=int, default=3, help="releases to keep on the device (default 3)")
+    s.add_argument("--health-timeout", type=float, default=30.0, metavar="S")
+    s.add_argument("--step-timeout", type=float, default=60.0, metavar="S", help="deadline of each remote step")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_deploy)
+
+    s = sub.add_parser("status", help="a device's current and kept releases, service state and health")
+    _connection_options(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("rollback", help="switch a device back to its previous release")
+    _connection_options(s)
+    s.add_argument("--to", metavar="ID", help="a kept release (id prefix) instead of the previous one")
+    s.add_argument("--health-timeout", type=float, default=30.0, metavar="S")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_rollback)
 
     s = sub.add_parser("cache", help="show or trim the build cache")
     s.add_argument("action", choices=["list", "prune"])

@@ -42,6 +42,9 @@ constexpr const char* kUsage =
     "  --bundle DIR   the bundle folder (default: the folder above this program's bin/)\n"
     "  --threads N    TVM thread pool size (default: TVM's choice, or TVM_NUM_THREADS)\n"
     "\n"
+    "environment: TVM_DEPLOY_LISTEN sets the address of serve and probe when none is given\n"
+    "             (default: the manifest's service.listen)\n"
+    "\n"
     "exit codes: 0 ok, 1 selftest mismatch, 2 usage or bad input, 3 model or runtime failure\n";
 
 struct Usage : std::runtime_error {
@@ -413,7 +416,17 @@ int Main(int argc, char** argv) {
   }
   if (i >= args.size()) throw Usage("no command given");
   std::string cmd = args[i];
-  std::vector<std::string> rest(args.begin() + i + 1, args.end());
+  // The global options may also follow the command (as the systemd unit writes them).
+  std::vector<std::string> rest;
+  for (size_t j = i + 1; j < args.size(); ++j) {
+    if ((args[j] == "--threads" || args[j] == "--bundle") && j + 1 < args.size()) {
+      if (args[j] == "--threads") threads = std::to_string(ParseCount("--threads", args[j + 1].c_str(), 1));
+      else bundle_dir = args[j + 1];
+      ++j;
+    } else {
+      rest.push_back(args[j]);
+    }
+  }
   if (std::find(rest.begin(), rest.end(), "--help") != rest.end()) {
     std::cout << kUsage;
     return 0;

@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <memory>
@@ -284,8 +285,15 @@ int Listen(const std::string& listen, std::string* err) {
 
 }  // namespace
 
+// The address when none is given: TVM_DEPLOY_LISTEN, else the manifest's service.listen.
+std::string DefaultListen(const Bundle& b) {
+  const char* env = std::getenv("TVM_DEPLOY_LISTEN");
+  if (env && *env) return env;
+  return b.listen.empty() ? "127.0.0.1:8470" : b.listen;
+}
+
 int Probe(const Bundle& b, const std::vector<std::string>& args) {
-  std::string listen = b.listen.empty() ? "127.0.0.1:8470" : b.listen;
+  std::string listen = DefaultListen(b);
   int timeout = 5;
   for (size_t i = 0; i < args.size(); ++i) {
     if (args[i] == "--timeout" && i + 1 < args.size()) timeout = std::max(1, std::atoi(args[++i].c_str()));
@@ -319,18 +327,27 @@ int Probe(const Bundle& b, const std::vector<std::string>& args) {
     return 1;
   }
   signal(SIGPIPE, SIG_IGN);
-  SendAll(fd, "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-  char buf[256];
-  ssize_t n = recv(fd, buf, sizeof(buf) - 1, 0);
+  // Healthy, and it is this bundle that answers: a deploy's health gate must not be
+  // satisfied by an old process still holding the address.
+  SendAll(fd, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\nGET /v1/info HTTP/1.1\r\nHost: localhost\r\n"
+              "Connection: close\r\n\r\n");
+  std::string reply;
+  char buf[4096];
+  ssize_t n;
+  while (reply.size() < 65536 && (n = recv(fd, buf, sizeof(buf), 0)) > 0) reply.append(buf, size_t(n));
   close(fd);
-  std::string reply = n > 0 ? std::string(buf, size_t(n)) : "";
   std::string line = reply.substr(0, reply.find("\r\n"));
-  if (line.rfind("HTTP/1.1 200", 0) == 0) {
-    std::cout << "healthy\n";
-    return 0;
+  if (line.rfind("HTTP/1.1 200", 0) != 0) {
+    std::cerr << "tvm-deploy: probe: " << listen << ": " << (line.empty() ? "no answer" : line) << "\n";
+    return 1;
   }
-  std::cerr << "tvm-deploy: probe: " << listen << ": " << (line.empty() ? "no answer" : line) << "\n";
-  return 1;
+  if (reply.find("\"bundle_id\": \"" + b.bundle_id + "\"") == std::string::npos) {
+    std::cerr << "tvm-deploy: probe: " << listen << ": healthy, but another bundle answers (not "
+              << b.bundle_id.substr(0, 12) << ")\n";
+    return 1;
+  }
+  std::cout << "healthy\n";
+  return 0;
 }
 
 bool ParseRequestHead(const std::string& head, RequestHead* out, std::string* problem) {
@@ -402,7 +419,7 @@ bool ParseRequestHead(const std::string& head, RequestHead* out, std::string* pr
 }
 
 int Serve(const Bundle& b, const std::vector<std::string>& args) {
-  std::string listen = b.listen.empty() ? "127.0.0.1:8470" : b.listen;
+  std::string listen = DefaultListen(b);
   int max_connections = 16;
   for (size_t i = 0; i < args.size(); ++i) {
     if (args[i] == "--listen" && i + 1 < args.size()) {
