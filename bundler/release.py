@@ -153,9 +153,10 @@ def _deploy(top: Path, manifest: dict[str, Any], target: Target, keep: int, heal
     result = DeployResult(target.name, bid, None)
     step = _Steps(result, progress, hook, target.name)
     files = manifest["files"]
-    with Remote(target, step_timeout=step_timeout) as r:
-        with step("connect"):
-            pass
+    r = Remote(target, step_timeout=step_timeout)
+    with step("connect"):
+        r.open()
+    with r:
         with step("preflight") as s:
             have_systemd = _preflight(r, target, manifest, prefix, result)
             store = _store_listing(r, prefix)
