@@ -1,0 +1,304 @@
+"""Fleet rollouts: one bundle to many devices, in waves, stopping and rolling back on failures.
+
+An inventory is TOML (``format = 1``) with a ``[hosts.NAME]`` table per device,
+validated like recipes.  A rollout plans waves (a canary wave, then batches of a
+size or a percentage), deploys the hosts of a wave in parallel up to a limit,
+and lets the next wave start only when the failures so far stay within the
+threshold.  When they cross it, the hosts of the failed wave that did switch are
+rolled back, hosts not reached are left untouched, and the rollout stops.
+Hosts already on the bundle are skipped, so re-running a stopped rollout
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from . import bundle as bundle_mod
+from . import release
+from .errors import DeployError, RecipeError, UserError, did_you_mean
+from .recipe import display_path
+from .ssh import Remote, Target
+
+HOST_KEYS = ("address", "user", "port", "board", "groups", "prefix")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    address: str
+    user: str
+    port: int
+    board: str
+    groups: tuple[str, ...]
+    prefix: str | None
+
+
+def load_inventory(path: Path | str) -> list[Host]:
+    path = Path(path)
+    file = display_path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"inventory not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(file, "", f"not valid TOML: {e}") from None
+    if data.get("format") != 1:
+        raise RecipeError(file, "format", f"{data.get('format')!r} is not allowed; this tvmbundle reads "
+                                          "inventory format 1" if "format" in data else
+                                          "missing; every inventory starts with 'format = 1'")
+    for key in data:
+        if key not in ("format", "defaults", "hosts"):
+            raise RecipeError(file, key, f"unknown key{did_you_mean(key, ['defaults', 'hosts'])}; "
+                                         "allowed at the top level: format, defaults, hosts")
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise RecipeError(file, "defaults", f"expected a table, got {defaults!r}")
+    for key in defaults:
+        if key not in HOST_KEYS or key == "address":
+            allowed = [k for k in HOST_KEYS if k != "address"]
+            raise RecipeError(file, f"defaults.{key}", f"unknown key{did_you_mean(key, allowed)}; "
+                                                       f"allowed: {', '.join(allowed)}")
+    hosts_t = data.get("hosts")
+    if not isinstance(hosts_t, dict) or not hosts_t:
+        raise RecipeError(file, "hosts", "missing or empty; add a [hosts.NAME] table per device")
+    hosts = []
+    for name, raw in hosts_t.items():
+        where = f"hosts.{name}"
+        if not _NAME.match(name):
+            raise RecipeError(file, where, "host names are letters, digits, '.', '_' and '-'")
+        if not isinstance(raw, dict):
+            raise RecipeError(file, where, f"expected a table, got {raw!r}")
+        for key in raw:
+            if key not in HOST_KEYS:
+                raise RecipeError(file, f"{where}.{key}", f"unknown key{did_you_mean(key, HOST_KEYS)}; "
+                                                          f"allowed: {', '.join(HOST_KEYS)}")
+        v = {**defaults, **raw}
+        if not isinstance(v.get("address"), str) or not v["address"]:
+            raise RecipeError(file, f"{where}.address", "missing; the device's host name or IP address")
+        if not isinstance(v.get("board"), str) or not v["board"]:
+            raise RecipeError(file, f"{where}.board", "missing; the board recipe the device runs (e.g. rpi4)")
+        port = v.get("port", 22)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise RecipeError(file, f"{where}.port", f"{port!r} is not allowed; expected an integer from 1 to 65535")
+        groups = v.get("groups", [])
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            raise RecipeError(file, f"{where}.groups", f"expected an array of strings, got {groups!r}")
+        prefix = v.get("prefix")
+        if prefix is not None and (not isinstance(prefix, str) or not prefix.startswith("/")):
+            raise RecipeError(file, f"{where}.prefix", f"{prefix!r} is not allowed; expected an absolute path")
+        user = v.get("user", "root")
+        if not isinstance(user, str) or not user:
+            raise RecipeError(file, f"{where}.user", f"expected a user name, got {user!r}")
+        hosts.append(Host(name, v["address"], user, port, v["board"], tuple(groups), prefix))
+    return hosts
+
+
+def parse_amount(text: str, total: int, what: str) -> int:
+    """'25%' of total (at least 1) or a plain count."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%?)\s*", str(text))
+    if not m:
+        raise UserError(f"{what}: {text!r} is not allowed; expected a count like 5 or a share like 25%")
+    value = float(m.group(1))
+    if m.group(2):
+        return max(1, int(total * value / 100 + 0.999999)) if value > 0 else 0
+    return int(value)
+
+
+def plan_waves(hosts: list[Host], canary: int, batch: int) -> list[list[Host]]:
+    waves = []
+    rest = list(hosts)
+    if canary > 0:
+        waves.append(rest[:canary])
+        rest = rest[canary:]
+    batch = max(1, batch)
+    while rest:
+        waves.append(rest[:batch])
+        rest = rest[batch:]
+    return [w for w in waves if w]
+
+
+@dataclass
+class HostReport:
+    host: str
+    address: str
+    wave: int
+    result: str = "pending"      # ok | skipped | failed | rolled-back | not-reached
+    step: str = ""
+    error: str = ""
+    seconds: float = 0.0
+    uploaded_bytes: int = 0
+    previous_id: str | None = None
+
+
+@dataclass
+class RolloutReport:
+    bundle: str
+    bundle_id: str
+    completed: bool = False
+    stopped_reason: str = ""
+    waves: list[list[str]] = field(default_factory=list)
+    hosts: list[HostReport] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bundle": self.bundle, "bundle_id": self.bundle_id, "completed": self.completed,
+                "stopped_reason": self.stopped_reason, "waves": self.waves,
+                "hosts": [asdict(h) for h in self.hosts]}
+
+
+Listener = Callable[[HostReport], None]
+
+
+def rollout(bundle_path: Path | str, hosts: list[Host], *, group: str | None = None, canary: int = 1,
+            batch: str = "25%", max_failures: str = "10%", parallel: int = 16, dry_run: bool = False,
+            identity: Path | None = None, known_hosts: Path | None = None, accept_new_host_key: bool = False,
+            unit_dir: str | None = None, keep: int = 3, health_timeout: float = 30.0, step_timeout: float = 60.0,
+            report_path: Path | None = None, listener: Listener | None = None,
+            stop: threading.Event | None = None) -> RolloutReport:
+    bundle_path = Path(bundle_path)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tvmbundle-rollout-") as tmp:
+        top = bundle_mod.extract(bundle_path, Path(tmp))
+        manifest = bundle_mod.read_manifest(top, str(bundle_path))
+    bid, board = manifest["bundle_id"], manifest["board"]["name"]
+    chosen = [h for h in hosts if group is None or group in h.groups]
+    if not chosen:
+        raise UserError(f"--group: no host of the inventory is in group {group!r}")
+    wrong = [h for h in chosen if h.board != board]
+    if wrong:
+        raise UserError(f"{bundle_path.name} is for board {board!r}; refusing to start, these hosts run another "
+                        "board: " + ", ".join(f"{h.name} ({h.board})" for h in wrong))
+    total = len(chosen)
+    waves = plan_waves(chosen, canary, parse_amount(batch, total, "--batch"))
+    allowed = parse_amount(max_failures, total, "--max-failures")
+    report = RolloutReport(str(bundle_path), bid, waves=[[h.name for h in w] for w in waves])
+    by_name = {}
+    for i, w in enumerate(waves):
+        for h in w:
+            hr = HostReport(h.name, f"{h.user}@{h.address}:{h.port}", i)
+            report.hosts.append(hr)
+            by_name[h.name] = hr
+    if dry_run:
+        for hr in report.hosts:
+            hr.result = "planned"
+        return report
+    stop = stop or threading.Event()
+
+    def target(h: Host) -> Target:
+        kw = dict(identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
+                  prefix=h.prefix)
+        if unit_dir:
+            kw["unit_dir"] = unit_dir
+        return Target(host=h.address, user=h.user, port=h.port, **kw)
+
+    def one(h: Host) -> HostReport:
+        hr = by_name[h.name]
+        if stop.is_set():
+            return hr
+        t0 = time.monotonic()
+        hr.result, hr.step = "running", "connect"
+        if listener:
+            listener(hr)
+        try:
+            if _already_current(target(h), manifest, step_timeout):
+                hr.result = "skipped"
+            else:
+                def hook(event: str, detail: str) -> None:
+                    if event == "step":
+                        hr.step = detail
+                        if listener:
+                            listener(hr)
+
+                res = release.deploy(bundle_path, target(h), keep=keep, health_timeout=health_timeout,
+                                     step_timeout=step_timeout, hook=hook)
+                hr.result, hr.uploaded_bytes, hr.previous_id = "ok", res.uploaded_bytes, res.previous_id
+        except DeployError as e:
+            hr.result, hr.step, hr.error = "failed", e.step, e.problem
+        except UserError as e:
+            hr.result, hr.error = "failed", e.message
+        hr.seconds = time.monotonic() - t0
+        if listener:
+            listener(hr)
+        return hr
+
+    failures = 0
+    try:
+        for i, wave in enumerate(waves):
+            if stop.is_set():
+                report.stopped_reason = "interrupted"
+                break
+            with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+                futures = {}
+                for h in wave:
+                    if stop.is_set():
+                        break
+                    futures[pool.submit(one, h)] = h
+                try:
+                    for f in as_completed(futures):
+                        f.result()
+                except KeyboardInterrupt:
+                    # Start no new host; the ones in flight finish (or roll themselves back).
+                    stop.set()
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+            failures = sum(1 for hr in report.hosts if hr.result == "failed")
+            if failures > allowed:
+                report.stopped_reason = (f"{failures} host(s) failed, more than the {allowed} allowed "
+                                         f"(--max-failures {max_failures}); wave {i} rolled back")
+                _roll_back_wave(wave, by_name, target, health_timeout, step_timeout, listener)
+                break
+            if stop.is_set():
+                report.stopped_reason = "interrupted"
+                break
+    except KeyboardInterrupt:
+        stop.set()
+        report.stopped_reason = "interrupted"
+    for hr in report.hosts:
+        if hr.result in ("pending", "running"):
+            hr.result = "not-reached"
+    report.completed = not report.stopped_reason and all(hr.result in ("ok", "skipped") for hr in report.hosts)
+    if not report.completed and not report.stopped_reason:
+        report.stopped_reason = f"{failures} host(s) failed (within the {allowed} allowed)"
+    if report_path:
+        report_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return report
+
+
+def _already_current(t: Target, manifest: dict[str, Any], step_timeout: float) -> bool:
+    prefix = (t.prefix or manifest.get("install", {}).get("prefix") or "/opt/tvmbundle").rstrip("/")
+    with Remote(t, step_timeout=step_timeout) as r:
+        if release._current(r, prefix) != manifest["bundle_id"]:
+            return False
+        probe = r.sh(f"{release.q(prefix + '/current/bin/tvm-deploy')} probe --timeout 2", "health", check=False)
+        return probe.code == 0
+
+
+def _roll_back_wave(wave: list[Host], by_name: dict[str, HostReport], target, health_timeout: float,
+                    step_timeout: float, listener: Listener | None) -> None:
+    """Hosts of the failed wave that switched go back to what they ran before."""
+    for h in wave:
+        hr = by_name[h.name]
+        if hr.result != "ok" or not hr.previous_id:
+            continue
+        try:
+            release.rollback(target(h), to=hr.previous_id, health_timeout=health_timeout, step_timeout=step_timeout)
+            hr.result = "rolled-back"
+        except DeployError as e:
+            hr.result, hr.step, hr.error = "failed", "rollback", e.problem
+        if listener:
+            listener(hr)
