@@ -17,20 +17,21 @@ from bundler import api, bundle
 from tests import models
 
 
+def _release(factory, name: str, make_model) -> Path:
+    d = factory.mktemp(name)
+    make_model(d / f"{name}.onnx")
+    result = api.make("x86_64", d / f"{name}.onnx", out_dir=d, run_verify=False)
+    return bundle.extract(result.bundle, d / "x")
+
+
 @pytest.fixture(scope="module")
 def release(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("harness")
-    models.multi_io(d / "multi.onnx")
-    result = api.make("x86_64", d / "multi.onnx", out_dir=d, run_verify=False)
-    return bundle.extract(result.bundle, d / "x")
+    return _release(tmp_path_factory, "multi", models.multi_io)
 
 
 @pytest.fixture(scope="module")
 def int_release(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("harness-int")
-    models.int_model(d / "ints.onnx")
-    result = api.make("x86_64", d / "ints.onnx", out_dir=d, run_verify=False)
-    return bundle.extract(result.bundle, d / "x")
+    return _release(tmp_path_factory, "ints", models.int_model)
 
 
 def deploy(top: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

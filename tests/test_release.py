@@ -61,6 +61,15 @@ def serving(dev, bundle_path: Path) -> bool:
     return c.healthy() and c.info()["bundle_id"] == manifest(bundle_path)["bundle_id"]
 
 
+def restarted_and_serving(dev, bundle_path: Path, wait: float = 30.0) -> bool:
+    """Restart the device's service (as its init would after a reboot) and wait until it serves."""
+    assert dev.systemctl("restart", "tvmbundle.service") == 0
+    deadline = time.monotonic() + wait
+    while not serving(dev, bundle_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return serving(dev, bundle_path)
+
+
 def test_deploy_status_update_and_rollback(fleet, bundles):
     (dev,) = fleet.add(1)
     t = dev.target()
@@ -108,11 +117,7 @@ def test_sshd_killed_mid_upload_then_redeploy_finishes(fleet, bundles):
     # the device comes back: its previous release is still current, and it serves once restarted
     dev.start()
     assert current_id(dev) == manifest(bundles["a"])["bundle_id"]
-    assert dev.systemctl("restart", "tvmbundle.service") == 0
-    deadline = time.monotonic() + 30
-    while not serving(dev, bundles["a"]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert serving(dev, bundles["a"])
+    assert restarted_and_serving(dev, bundles["a"])
     done = deploy(bundles["b"], dev.target())
     assert serving(dev, bundles["b"]) and done.uploaded_bytes < sum(f["size"] for f in manifest(bundles["b"])["files"])
 
@@ -187,11 +192,7 @@ def test_service_that_never_gets_healthy_is_rolled_back(fleet, bundles):
         blocker.close()
     assert current_id(dev) == manifest(bundles["a"])["bundle_id"]
     # with its address free again the previous release serves
-    assert dev.systemctl("restart", "tvmbundle.service") == 0
-    deadline = time.monotonic() + 30
-    while not serving(dev, bundles["a"]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert serving(dev, bundles["a"])
+    assert restarted_and_serving(dev, bundles["a"])
 
 
 def test_unknown_and_changed_host_keys_are_refused_before_anything_is_sent(fleet, bundles):
