@@ -174,8 +174,12 @@ def _deploy(top: Path, manifest: dict[str, Any], target: Target, keep: int, heal
             _assemble(r, prefix, manifest)
         with step("check"):
             rel = f"{prefix}/releases/{bid}"
+            # Through a file, not stdin: invoke feeds stdin a byte at a time with a sleep between.
             sums = "".join(f"{f['sha256']}  {f['path']}\n" for f in files)
-            r.sh(f"cd {q(rel)} && sha256sum -c --quiet -", "check", stdin=sums)
+            sums_file = f"{prefix}/staging/{bid}.sha256"
+            r.write_text(sums, sums_file, "check")
+            r.sh(f"cd {q(rel)} && sha256sum -c --quiet {q(sums_file)}; rc=$?; rm -f {q(sums_file)}; exit $rc",
+                 "check")
             res = r.run([f"{rel}/bin/tvm-deploy", "selftest"], "selftest", check=False, timeout=max(step_timeout, 300))
             if res.code != 0:
                 raise DeployError(target.name, "selftest",
@@ -276,12 +280,17 @@ def _upload(r: Remote, top: Path, prefix: str, missing: dict[str, dict[str, Any]
         for sha, f in sorted(missing.items(), key=lambda kv: kv[1]["path"]):
             part = f"{staging}/{sha}.part"
             r.put(top / f["path"], part, "upload", timeout=max(r.step_timeout, f["size"] / 1e6))
-            got = r.run(["sha256sum", part], "upload").out.split()[0]
-            if got != sha:
-                raise DeployError(r.target.name, "upload", f"{f['path']} arrived damaged (sha256 {got[:12]}, "
-                                                           f"expected {sha[:12]})")
-            r.run(["chmod", "0" + f["mode"][-3:], part], "upload")
-            r.run(["mv", "-f", part, f"{prefix}/store/sha256/{sha}"], "upload")
+            # One round trip: check the content on the device, then move it into the store.
+            store_path = f"{prefix}/store/sha256/{sha}"
+            res = r.sh(f"got=$(sha256sum {q(part)} | cut -d' ' -f1); if [ \"$got\" != {q(sha)} ]; then "
+                       f"echo \"$got\"; exit 9; fi; chmod {q('0' + f['mode'][-3:])} {q(part)} && "
+                       f"mv -f {q(part)} {q(store_path)}", "upload", check=False)
+            if res.code == 9:
+                raise DeployError(r.target.name, "upload", f"{f['path']} arrived damaged (sha256 "
+                                                           f"{res.out.strip()[:12]}, expected {sha[:12]})")
+            if res.code != 0:
+                raise DeployError(r.target.name, "upload", f"{f['path']}: storing it failed: "
+                                                           + " | ".join(res.err.strip().splitlines()[-3:]))
             result.uploaded_bytes += f["size"]
             if hook:
                 hook("uploaded", f["path"])
