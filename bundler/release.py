@@ -158,13 +158,14 @@ def _deploy(top: Path, manifest: dict[str, Any], target: Target, keep: int, heal
         r.open()
     with r:
         with step("preflight") as s:
-            have_systemd = _preflight(r, target, manifest, prefix, result)
-            store = _store_listing(r, prefix)
+            facts = _survey(r, prefix)
+            have_systemd = _preflight(r, target, manifest, prefix, facts, result)
+            store = {h for h in facts.get("store", "").split() if len(h) == 64}
             missing = {f["sha256"]: f for f in files if f["sha256"] not in store}
             need = sum(f["size"] for f in missing.values())
-            _check_space(r, prefix, need)
+            _check_space(r, prefix, facts.get("df", ""), need)
             result.skipped_bytes = sum(f["size"] for f in files if f["sha256"] in store)
-            result.previous_id = _current(r, prefix)
+            result.previous_id = facts.get("current", "").rsplit("/", 1)[-1] or None
             s.done(detail=f"{len(missing)} of {len(files)} files to send ({need} bytes)")
         r.run(["mkdir", "-p", f"{prefix}/store/sha256", f"{prefix}/releases", f"{prefix}/staging"], "prepare")
         with step("upload") as s:
@@ -215,55 +216,56 @@ def _deploy(top: Path, manifest: dict[str, Any], target: Target, keep: int, heal
     return result
 
 
-def _preflight(r: Remote, target: Target, manifest: dict[str, Any], prefix: str, result: DeployResult) -> bool:
+def _survey(r: Remote, prefix: str) -> dict[str, str]:
+    """Everything preflight needs to know about the device, in one round trip."""
+    script = "; ".join([
+        f"p={q(prefix)}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done",
+        'echo "arch=$(uname -m)"',
+        'echo "libc=$(getconf GNU_LIBC_VERSION 2>/dev/null || ldd --version 2>&1 | head -n 1)"',
+        'if test -w "$p"; then echo writable=yes; else echo writable=no; fi',
+        'if command -v systemctl >/dev/null 2>&1; then echo systemd=yes; else echo systemd=no; fi',
+        'echo "df=$(df -Pk "$p" | tail -n 1)"',
+        f'echo "current=$(readlink {q(prefix + "/current")} 2>/dev/null)"',
+        f'echo "store=$(ls {q(prefix + "/store/sha256")} 2>/dev/null | tr "\\n" " ")"',
+    ])
+    facts = {}
+    for line in r.sh(script, "preflight").out.splitlines():
+        key, _, value = line.partition("=")
+        facts[key] = value.strip()
+    return facts
+
+
+def _preflight(r: Remote, target: Target, manifest: dict[str, Any], prefix: str, facts: dict[str, str],
+               result: DeployResult) -> bool:
+    """Refuse, before anything is written, a device the bundle cannot run on or install into."""
+    import re
+
+    from .elf import version_key
+
     board = manifest["board"]
-    arch = r.run(["uname", "-m"], "preflight").out.strip()
+    arch = facts.get("arch", "")
     if _UNAME.get(arch, arch) != board["cpu_family"]:
         raise DeployError(target.name, "preflight", f"the device is {arch}, the bundle is for "
                                                     f"{board['cpu_family']} ({board['name']}); nothing was sent")
-    libc = r.sh("getconf GNU_LIBC_VERSION 2>/dev/null || ldd --version 2>&1 | head -n 1", "preflight",
-                check=False).out.strip()
-    import re
-
-    m = re.search(r"(\d+\.\d+)", libc)
+    m = re.search(r"(\d+\.\d+)", facts.get("libc", ""))
     if not m:
-        result.warnings.append(f"could not read the device's glibc version ({libc!r})")
-    else:
-        from .elf import version_key
-
-        if version_key(m.group(1)) < version_key(board["glibc"]):
-            raise DeployError(target.name, "preflight", f"the device has glibc {m.group(1)}, the bundle needs "
-                                                        f"{board['glibc']} or newer; nothing was sent")
-    # The nearest existing folder of the prefix must be writable (by us, or by sudo).
-    probe = (f"p={q(prefix)}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; "
-             "test -w \"$p\" && echo writable || echo readonly")
-    writable = r.sh(probe, "preflight").out.strip() == "writable"
-    if not writable:
-        if target.sudo is False or r.sh("sudo -n true", "preflight", check=False).code != 0:
-            raise DeployError(target.name, "preflight", f"{prefix} is not writable by {target.user} and "
-                                                        "passwordless sudo is not available; nothing was sent")
-        r.sudo = True
-    elif target.sudo:
-        r.sudo = True
-    if r.sudo:
-        raise DeployError(target.name, "preflight", "installing through sudo is not supported yet: "
-                                                    f"make {prefix} writable by {target.user}")
-    have = _systemd(r)
+        result.warnings.append(f"could not read the device's glibc version ({facts.get('libc')!r})")
+    elif version_key(m.group(1)) < version_key(board["glibc"]):
+        raise DeployError(target.name, "preflight", f"the device has glibc {m.group(1)}, the bundle needs "
+                                                    f"{board['glibc']} or newer; nothing was sent")
+    if facts.get("writable") != "yes" or target.sudo:
+        raise DeployError(target.name, "preflight", f"{prefix} is not writable by {target.user}; installing "
+                                                    "through sudo is not supported yet, so nothing was sent",
+                          hint=f"make {prefix} writable by {target.user}, or deploy as its owner")
+    have = facts.get("systemd") == "yes"
     if not have:
         result.warnings.append("systemd not found on the device: the service will not be (re)started")
     return have
 
 
-def _store_listing(r: Remote, prefix: str) -> set[str]:
-    res = r.sh(f"ls {q(prefix + '/store/sha256')} 2>/dev/null", "preflight", check=False)
-    return {line.strip() for line in res.out.splitlines() if len(line.strip()) == 64}
-
-
-def _check_space(r: Remote, prefix: str, need: int) -> None:
-    probe = f"p={q(prefix)}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; df -Pk \"$p\" | tail -n 1"
-    fields = r.sh(probe, "preflight").out.split()
+def _check_space(r: Remote, prefix: str, df_line: str, need: int) -> None:
     try:
-        avail = int(fields[3]) * 1024
+        avail = int(df_line.split()[3]) * 1024
     except (IndexError, ValueError):
         return
     if need + MARGIN > avail:
