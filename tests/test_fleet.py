@@ -9,6 +9,7 @@ rollout of the same bundle sends nothing.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,8 +23,11 @@ from tests import models
 from tests.sshd import Fleet
 from tests.test_release import current_id, manifest
 
-pytestmark = pytest.mark.skipif(not (shutil.which("sshd") and shutil.which("unshare")),
-                                reason="needs openssh-server and unshare (scripts/setup installs them)")
+pytestmark = [
+    pytest.mark.skipif(not (shutil.which("sshd") and shutil.which("unshare")),
+                       reason="needs openssh-server and unshare (scripts/setup installs them)"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="test devices need root: sshd logins, PID namespaces, tmpfs mounts"),
+]
 
 N = 20
 

@@ -8,6 +8,7 @@ Every fault test ends with the previous release current and serving.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -24,8 +25,11 @@ from tests import models
 from tests.sshd import Fleet
 from tests.test_make import repack
 
-pytestmark = pytest.mark.skipif(not (shutil.which("sshd") and shutil.which("unshare")),
-                                reason="needs openssh-server and unshare (scripts/setup installs them)")
+pytestmark = [
+    pytest.mark.skipif(not (shutil.which("sshd") and shutil.which("unshare")),
+                       reason="needs openssh-server and unshare (scripts/setup installs them)"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="test devices need root: sshd logins, PID namespaces, tmpfs mounts"),
+]
 
 
 @pytest.fixture(scope="module")
