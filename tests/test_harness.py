@@ -15,6 +15,7 @@ import pytest
 
 from bundler import api, bundle
 from tests import models
+from tests.bundletools import perturb_expected
 
 
 def _release(factory, name: str, make_model) -> Path:
@@ -148,10 +149,7 @@ def test_corrupt_or_missing_model_is_exit_3(release, tmp_path):
 def test_selftest_mismatch_is_exit_1_with_the_worst_difference(release, tmp_path):
     bad = tmp_path / "b"
     shutil.copytree(release, bad)
-    p = bad / "selftest" / "expected_1.npy"
-    a = np.load(p)
-    a.flat[3] += 0.5
-    np.save(p, a)
+    perturb_expected(bad, index=1, at=3, by=0.5)
     res = deploy(bad, "selftest", "--json")
     assert res.returncode == 1
     report = json.loads(res.stdout)

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from bundler import api, bundle, cache
-from bundler.errors import UserError, VerifyError
+from bundler.errors import UserError
 from tests import models
+from tests.bundletools import perturb_expected, repack
 
 NAME_RE = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)-(?P<board>[A-Za-z0-9_.-]+)-(?P<id>[0-9a-f]{8})\.tar\.gz$")
 
@@ -224,22 +225,6 @@ def rpi4_bundle(tmp_path_factory, model_dir) -> Path:
     return result.bundle
 
 
-def repack(src: Path, dest_dir: Path, mutate, *, fix_manifest: bool = True) -> Path:
-    """Unpack ``src``, let ``mutate(top)`` change it, optionally re-record the checksums, pack again."""
-    work = dest_dir / "work"
-    top = bundle.extract(src, work)
-    mutate(top)
-    if fix_manifest:
-        manifest = json.loads((top / "manifest.json").read_text())
-        rels = sorted(p.relative_to(top).as_posix() for p in top.rglob("*")
-                      if p.is_file() and p.name != "manifest.json")
-        manifest["files"] = [bundle.file_entry(top, r).to_json() for r in rels]
-        (top / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    out = dest_dir / src.name
-    bundle.write_tarball(top, top.name, out, bundle.DEFAULT_EPOCH)
-    return out
-
-
 def test_verify_passes_a_good_bundle(run_cli, rpi4_bundle):
     code, out, err = run_cli("verify", str(rpi4_bundle), "--json")
     assert code == 0, err
@@ -298,13 +283,7 @@ def test_verify_rejects_a_missing_library(run_cli, rpi4_bundle, tmp_path):
 
 
 def test_verify_runs_the_selftest_and_catches_wrong_outputs(run_cli, rpi4_bundle, tmp_path):
-    def perturb(top: Path) -> None:
-        p = top / "selftest" / "expected_0.npy"
-        a = np.load(p)
-        a.flat[0] += 1.0
-        np.save(p, a)
-
-    bad = repack(rpi4_bundle, tmp_path, perturb)
+    bad = repack(rpi4_bundle, tmp_path, perturb_expected)
     code, _, err = run_cli("verify", str(bad))
     assert code == 2 and "selftest" in err
 

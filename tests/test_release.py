@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bundler import api, bundle
+from bundler import api
 from bundler.client import Client
 from bundler.errors import DeployError
 from bundler.release import deploy, rollback, status
 from tests import models
 from tests.sshd import Fleet
-from tests.test_make import repack
+from tests.bundletools import perturb_expected, repack
 
 pytestmark = [
     pytest.mark.skipif(not (shutil.which("sshd") and shutil.which("unshare")),
@@ -160,13 +160,7 @@ def test_failing_selftest_on_the_device_switches_nothing(fleet, bundles, tmp_pat
     (dev,) = fleet.add(1)
     deploy(bundles["a"], dev.target())
 
-    def perturb(top: Path) -> None:
-        p = top / "selftest" / "expected_0.npy"
-        a = np.load(p)
-        a.flat[0] += 1
-        np.save(p, a)
-
-    bad = repack(bundles["b"], tmp_path, perturb)
+    bad = repack(bundles["b"], tmp_path, perturb_expected)
     with pytest.raises(DeployError) as e:
         deploy(bad, dev.target())
     assert e.value.step == "selftest" and "nothing was switched" in e.value.problem

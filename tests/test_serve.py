@@ -25,6 +25,7 @@ import pytest
 from bundler import api, bundle, harness, recipe, runtime, toolchain
 from bundler.client import Client, ServiceError, decode, encode
 from tests import models
+from tests.bundletools import perturb_expected
 
 
 def free_port() -> int:
@@ -223,10 +224,7 @@ def test_sigterm_stops_cleanly(release):
 def test_failing_selftest_never_becomes_healthy(release, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(release, bad)
-    p = bad / "selftest" / "expected_0.npy"
-    a = np.load(p)
-    a.flat[0] += 1
-    np.save(p, a)
+    perturb_expected(bad)
     port = free_port()
     proc = subprocess.run([str(bad / "bin" / "tvm-deploy"), "serve", "--listen", f"127.0.0.1:{port}"],
                           capture_output=True, text=True, timeout=60)
