@@ -26,7 +26,7 @@ class MakeResult:
     manifest: dict[str, Any]
     steps: list[StepRecord] = field(default_factory=list)
     verified: Report | None = None
-    overlay: Path | None = None      # the overlay tarball, for --format overlay (its tree is beside it)
+    overlay: Path | None = None      # --format overlay: the overlay tarball (its tree beside it); deb: the .deb
 
     @property
     def rebuilt(self) -> list[str]:
@@ -110,6 +110,10 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
         overlay = None
         if fmt == "overlay":
             overlay = _publish_overlay(staging, manifest, out_dir / f"{top}-overlay", epoch)
+        elif fmt == "deb":
+            from .debian import build_deb
+
+            overlay = build_deb(staging, manifest, out_dir, epoch, Path(tmp))
         s.done(cached=entry.hit, detail=str(overlay or out))
 
     report = None

@@ -26,7 +26,7 @@ from .errors import UserError
 FORMAT = 1
 MANIFEST = "manifest.json"
 DEFAULT_EPOCH = 315532800  # 1980-01-01T00:00:00Z, the oldest time zip (and so wheels) can store
-FORMATS = ("tar", "overlay")
+FORMATS = ("tar", "overlay", "deb")
 
 
 def source_date_epoch() -> int:

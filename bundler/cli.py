@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fix the shape of an input with dynamic dims (repeatable)")
     s.add_argument("--out", default="dist", help="output folder (default: dist/)")
     s.add_argument("--format", default="tar",
-                   help="tar (the bundle) or overlay (also a rootfs overlay tree and its tarball for image builds)")
+                   help="tar (the bundle); overlay (also a rootfs overlay tree and its tarball for image builds); "
+                        "deb (also a Debian package)")
     s.add_argument("--no-verify", action="store_true", help="skip the verification at the end")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress output")

@@ -208,7 +208,7 @@ def test_missing_and_corrupt_model_files(run_cli, tmp_path):
 
 def test_bad_cli_values(run_cli, model_dir, tmp_path):
     code, _, err = make(run_cli, "x86_64", model_dir / "convnet.onnx", tmp_path, "--format", "zip")
-    assert code == 2 and "--format: 'zip' is not allowed; expected one of: overlay, tar" in err
+    assert code == 2 and "--format: 'zip' is not allowed; expected one of: deb, overlay, tar" in err
     code, _, err = make(run_cli, "x86_64", model_dir / "convnet.onnx", tmp_path, "--input-shape", "x=1,a")
     assert code == 2 and "x=1,a" in err
     code, _, err = run_cli("make", "x86_64")          # --model missing: a usage error
