@@ -72,9 +72,9 @@ def multi_io(path: Path, seed: int = 1) -> Path:
 
 def dynamic_batch(path: Path, seed: int = 2) -> Path:
     """A symbolic batch dim and the Shape -> Gather -> Unsqueeze -> Concat -> Reshape that torch exports
-    for ``x.view(x.size(0), -1)``; input ["N",3,8,8] -> ["N",10]."""
+    for ``x.view(x.size(0), -1)``, then a Gemm; input ["N",3,8,8] -> ["N",10]."""
     rng = np.random.default_rng(seed)
-    inits = [_w(rng, "conv_w", (4, 3, 3, 3)), _w(rng, "fc_w", (4 * 8 * 8, 10)),
+    inits = [_w(rng, "conv_w", (4, 3, 3, 3)), _w(rng, "fc_w", (10, 4 * 8 * 8)), _w(rng, "fc_b", (10,), 0.1),
              numpy_helper.from_array(np.array(0, dtype=np.int64), "zero"),
              numpy_helper.from_array(np.array([0], dtype=np.int64), "axes0"),
              numpy_helper.from_array(np.array([-1], dtype=np.int64), "minus_one")]
@@ -86,11 +86,55 @@ def dynamic_batch(path: Path, seed: int = 2) -> Path:
         helper.make_node("Unsqueeze", ["batch", "axes0"], ["batch1"], name="unsqueeze"),
         helper.make_node("Concat", ["batch1", "minus_one"], ["newshape"], name="concat_shape", axis=0),
         helper.make_node("Reshape", ["r", "newshape"], ["flat"], name="reshape"),
-        helper.make_node("MatMul", ["flat", "fc_w"], ["logits"], name="fc"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
     ]
     g = helper.make_graph(nodes, "dynamic_batch",
                           [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    return _save(g, path)
+
+
+def shape_arith(path: Path, seed: int = 3) -> Path:
+    """What exporters leave besides the flatten: Constant nodes, ``Shape(start, end)``, Size, integer
+    Mul and Div on shapes, Squeeze, Range, ConstantOfShape and Expand, a weight Transpose'd at run time,
+    and a node nothing uses.  Input ["N", 6, "L"] -> "y" ["N", "L", 6] and "pos" ["N", "L"] (int64;
+    pos[n, l] = l, so with the shapes fixed it is a constant)."""
+    rng = np.random.default_rng(seed)
+    inits = [_w(rng, "w_t", (6, 6))]
+
+    def const(name: str, value) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], name=f"const_{name}",
+                                value=numpy_helper.from_array(np.asarray(value, dtype=np.int64), name))
+
+    nodes = [
+        const("zero", 0), const("one", 1), const("axes0", [0]),
+        helper.make_node("Transpose", ["w_t"], ["w"], name="transpose_weight", perm=[1, 0]),
+        helper.make_node("Transpose", ["x"], ["xt"], name="transpose_x", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["xt", "w"], ["mm"], name="matmul"),
+        # y = mm reshaped to Shape(xt) (a no-op the exporter could not prove) / (Size(x) / (N * L))
+        helper.make_node("Shape", ["xt"], ["xt_shape"], name="shape_xt"),
+        helper.make_node("Reshape", ["mm", "xt_shape"], ["y0"], name="reshape_y"),
+        helper.make_node("Size", ["x"], ["numel"], name="size_x"),
+        helper.make_node("Shape", ["x"], ["batch_1d"], name="shape_batch", start=0, end=1),
+        helper.make_node("Shape", ["x"], ["len_1d"], name="shape_len", start=-1),
+        helper.make_node("Mul", ["batch_1d", "len_1d"], ["bl"], name="mul_bl"),
+        helper.make_node("Div", ["numel", "bl"], ["channels"], name="div_channels"),   # = 6
+        helper.make_node("Cast", ["channels"], ["channels_f"], name="cast_channels", to=TensorProto.FLOAT),
+        helper.make_node("Div", ["y0", "channels_f"], ["y"], name="div_y"),
+        # pos[n, l] = l: Range(0, L) expanded to [N, L]
+        helper.make_node("Squeeze", ["len_1d", "axes0"], ["len"], name="squeeze_len"),
+        helper.make_node("Range", ["zero", "len", "one"], ["range"], name="range"),
+        helper.make_node("Concat", ["batch_1d", "len_1d"], ["pos_shape"], name="concat_pos", axis=0),
+        helper.make_node("ConstantOfShape", ["pos_shape"], ["zeros"], name="zeros",
+                         value=numpy_helper.from_array(np.array([0], dtype=np.int64))),
+        helper.make_node("Add", ["zeros", "range"], ["pos_raw"], name="add_pos"),
+        helper.make_node("Expand", ["pos_raw", "pos_shape"], ["pos"], name="expand_pos"),
+        helper.make_node("Relu", ["mm"], ["unused"], name="dead_relu"),
+    ]
+    g = helper.make_graph(nodes, "shape_arith",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, "L"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "L", 6]),
+                           helper.make_tensor_value_info("pos", TensorProto.INT64, ["N", "L"])], inits)
     return _save(g, path)
 
 
@@ -105,14 +149,14 @@ def unsupported_op(path: Path) -> Path:
 
 
 def int_model(path: Path) -> Path:
-    """A uint8 image scaled to float, and an int64 count output: non-float dtypes end to end."""
+    """A uint8 image scaled to float, and an int64 sum of its pixels: non-float dtypes end to end.
+    Input "pixels" uint8 [1,4,4] -> "scaled" float32 [1,4,4], "total" int64 []."""
     nodes = [
         helper.make_node("Cast", ["pixels"], ["f"], name="cast", to=TensorProto.FLOAT),
         helper.make_node("Mul", ["f", "scale"], ["scaled"], name="scale"),
-        helper.make_node("ReduceSum", ["pixels_i64"], ["total"], name="sum", keepdims=0),
         helper.make_node("Cast", ["pixels"], ["pixels_i64"], name="cast64", to=TensorProto.INT64),
+        helper.make_node("ReduceSum", ["pixels_i64"], ["total"], name="sum", keepdims=0),
     ]
-    nodes = [nodes[0], nodes[1], nodes[3], nodes[2]]
     inits = [numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "scale")]
     g = helper.make_graph(nodes, "int_model",
                           [helper.make_tensor_value_info("pixels", TensorProto.UINT8, [1, 4, 4])],
@@ -121,8 +165,11 @@ def int_model(path: Path) -> Path:
     return _save(g, path)
 
 
-def resnet18(path: Path, batch: int = 1, size: int = 224, seed: int = 0) -> Path:
-    """ResNet-18 (He et al.): 11.7 M random parameters, batch norms folded into the convolutions."""
+def resnet18(path: Path, batch: int | str = 1, size: int = 224, seed: int = 0) -> Path:
+    """ResNet-18 (He et al.): 11.7 M random parameters (about 45 MB), batch norms folded into the
+    convolutions' biases; input "input" [batch,3,size,size] -> "logits" [batch,1000].
+
+    A string ``batch`` makes the batch dim symbolic (then prepare needs ``--input-shape``)."""
     rng = np.random.default_rng(seed)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
