@@ -36,13 +36,21 @@ def _out() -> Console:
 
 def cmd_boards(args: argparse.Namespace) -> int:
     table = Table("board", "cpu", "triple", "glibc", "runtime", "name", box=None, pad_edge=False)
+    rows = []
     for path in recipe_mod.available():
         try:
             r = recipe_mod.load(str(path))
             table.add_row(path.stem, f"{r.machine.cpu_family}/{r.machine.cpu}", r.machine.triple,
                           r.machine.glibc, r.runtime.source, r.board.title)
+            rows.append({"board": path.stem, "recipe": str(path), "cpu_family": r.machine.cpu_family,
+                         "cpu": r.machine.cpu, "triple": r.machine.triple, "glibc": r.machine.glibc,
+                         "runtime": r.runtime.source, "name": r.board.title, "error": None})
         except UserError as e:
             table.add_row(path.stem, "", "", "", "", f"(invalid: {e.message})")
+            rows.append({"board": path.stem, "recipe": str(path), "error": e.message})
+    if getattr(args, "json", False):
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
     _out().print(table)
     return EXIT_OK
 
@@ -82,6 +90,12 @@ def _fmt(v: object) -> str:
 def cmd_doctor(args: argparse.Namespace) -> int:
     r = recipe_mod.load(args.board)
     findings = doctor.examine(r)
+    if getattr(args, "json", False):
+        fixes = doctor.fix_commands(findings)
+        print(json.dumps({"board": r.name, "title": r.board.title, "ok": not fixes,
+                          "findings": [{"check": f.what, "ok": f.ok, "detail": f.detail, "install": f.install}
+                                       for f in findings], "fix": fixes}, indent=2))
+        return EXIT_USER if fixes else EXIT_OK
     table = Table("", "check", "detail", box=None, pad_edge=False)
     for f in findings:
         table.add_row("ok" if f.ok else "MISSING", f.what, f.detail)
@@ -132,6 +146,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for name, ok, detail in report.checks:
             progress.note(f"  {name}: {'ok' if ok else 'FAILED'}{': ' + detail if detail else ''}")
         print(f"{report.bundle}: verified for {report.board}")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import export
+
+    result = export.export(Path(args.bundle), args.target, Path(args.out) if args.out else None)
+    if args.json:
+        print(json.dumps({"target": result.target, "path": str(result.path), "package": result.package,
+                          "version": result.version, "bundle_id": result.bundle_id, "files": result.files},
+                         indent=2))
+    else:
+        Progress(quiet=args.quiet).note(f"{result.target}: {result.package} {result.version} "
+                                        f"({len(result.files)} files)")
+        print(result.path)
     return EXIT_OK
 
 
@@ -253,6 +282,18 @@ def _connection_options(s: argparse.ArgumentParser) -> None:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     out = _out()
+    if getattr(args, "json", False):
+        def entry(e: cache.Listed) -> dict:
+            return {"kind": e.kind, "key": e.key, "size": e.size, "created": e.created}
+        if args.action == "list":
+            entries = list(cache.entries())
+            print(json.dumps({"root": str(cache.root()), "entries": [entry(e) for e in entries],
+                              "total": sum(e.size for e in entries)}, indent=2))
+        else:
+            removed = cache.prune(older_than_days=args.older_than, kind=args.kind)
+            print(json.dumps({"root": str(cache.root()), "removed": [entry(e) for e in removed],
+                              "total": sum(e.size for e in removed)}, indent=2))
+        return EXIT_OK
     if args.action == "list":
         table = Table("kind", "key", "size", "age", box=None, pad_edge=False)
         total = 0
@@ -286,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("boards", help="list the board recipes")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_boards)
 
     s = sub.add_parser("show", help="print a resolved recipe: every value and where it came from")
@@ -295,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("doctor", help="what this machine lacks for a board, with the install command")
     s.add_argument("board")
+    s.add_argument("--json", action="store_true", help="machine-readable output (exit code 2 if anything is missing)")
     s.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("make", help="build (and verify) a bundle of a model for a board")
@@ -368,7 +411,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["list", "prune"])
     s.add_argument("--older-than", type=float, metavar="DAYS", help="prune: only entries older than DAYS")
     s.add_argument("--kind", help="prune: only entries of this kind (runtime, harness, model, vectors, bundle)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_cache)
+
+    from .export import TARGETS as EXPORT_TARGETS
+    s = sub.add_parser("export", help="a Buildroot BR2_EXTERNAL tree or a Yocto layer that installs a bundle")
+    s.add_argument("target", choices=EXPORT_TARGETS, help="buildroot (a BR2_EXTERNAL tree with one package) or "
+                                                          "yocto (a layer with one recipe)")
+    s.add_argument("bundle", help="a bundle .tar.gz written by make")
+    s.add_argument("--out", metavar="DIR", help="the tree to write (default: dist/br2-tvmbundle or "
+                                                "dist/meta-tvmbundle); an earlier export there is replaced")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    s.set_defaults(func=cmd_export)
     return p
 
 
