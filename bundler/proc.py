@@ -13,7 +13,7 @@ import os
 import shlex
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,14 +116,56 @@ def run(
         out = (e.stderr or e.stdout or "")
         if isinstance(out, bytes):
             out = out.decode(errors="replace")
-        raise CommandFailed(args, -1, _tail(out) + f"\n(timed out after {timeout:g} s)", where, what) from None
+        raise CommandFailed(args, -1, tail(out) + f"\n(timed out after {timeout:g} s)", where, what) from None
     result = Result(args, proc.returncode, proc.stdout, proc.stderr)
     if check and proc.returncode != 0:
-        raise CommandFailed(args, proc.returncode, _tail(proc.stderr or proc.stdout), where, what)
+        raise CommandFailed(args, proc.returncode, tail(proc.stderr or proc.stdout), where, what)
     return result
 
 
-def _tail(text: str, n: int = TAIL_LINES) -> str:
+def stream(
+    argv: Sequence[str | os.PathLike],
+    on_line: Callable[[str], None],
+    *,
+    cwd: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+    what: str | None = None,
+    install: str | None = None,
+    failure: Callable[[str], str] | None = None,
+) -> Result:
+    """Like :func:`run`, for long builds: each output line (stdout and stderr merged) goes to
+    ``on_line`` as it comes.  ``failure`` turns the whole output into the message of a failure
+    (a build tool knows which lines name the failing command); the default is the tail."""
+    args = [os.fspath(a) for a in argv]
+    exe = args[0]
+    if os.sep not in exe:
+        exe = which(exe, why=what or "", install=install)
+    elif not os.path.exists(exe):
+        raise ToolMissing(args[0], install or install_hint(args[0]), what or "")
+    where = os.fspath(cwd) if cwd else os.getcwd()
+    log.info("%s$ %s", where, format_argv(args))
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    lines: list[str] = []
+    with subprocess.Popen([exe, *args[1:]], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as p:
+        assert p.stdout is not None
+        try:
+            for line in p.stdout:
+                line = line.rstrip("\n")
+                lines.append(line)
+                on_line(line)
+        except BaseException:       # Ctrl-C: do not leave a compiler farm running
+            p.kill()
+            raise
+        code = p.wait()
+    out = "\n".join(lines)
+    if code != 0:
+        raise CommandFailed(args, code, failure(out) if failure else tail(out), where, what)
+    return Result(args, code, out, "")
+
+
+def tail(text: str, n: int = TAIL_LINES) -> str:
     """The last ``n`` lines, preceded by the first error lines when they scrolled out of the tail
     (a compiler's first error is the one to read; its notes fill the end of the output)."""
     lines = text.rstrip().splitlines()

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from rich.console import Console
+from rich.text import Text
 
 
 @dataclass
@@ -27,10 +28,29 @@ class StepRecord:
 @dataclass
 class Step:
     record: StepRecord
+    _show: Callable[[str], None] | None = None
+    _last_plain: float = 0.0
 
     def done(self, *, cached: bool = False, detail: str = "") -> None:
         self.record.cached = cached
         self.record.detail = detail
+
+    def update(self, text: str, fraction: float | None = None) -> None:
+        """Where a long step is ("[120/341] runtime/vm/executable.cc"): redrawn on a terminal,
+        a plain line at most every 10 s in logs (image builds must not drown in it)."""
+        if self._show is None:
+            return
+        now = time.monotonic()
+        if self._show is _plain:
+            if now - self._last_plain < 10 and fraction != 1.0:
+                return
+            self._last_plain = now
+        pct = f"{fraction:4.0%} " if fraction is not None else ""
+        self._show(f"{self.record.name}: {pct}{text}")
+
+
+def _plain(text: str) -> None:
+    print(f"    {text}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -53,11 +73,11 @@ class Progress:
         if self.quiet:
             yield Step(rec)
         elif self.live:
-            with self.console.status(f"{name} ..."):
-                yield Step(rec)
+            with self.console.status(f"{name} ...") as status:
+                yield Step(rec, lambda text: status.update(Text(text)))
         else:
             print(f"==> {name} ...", file=sys.stderr, flush=True)
-            yield Step(rec)
+            yield Step(rec, _plain, time.monotonic())
         rec.seconds = time.monotonic() - start
         if not self.quiet:
             how = "cached" if rec.cached else f"{rec.seconds:.1f} s"
