@@ -49,8 +49,13 @@ def bundle_name(model_path: Path) -> str:
 def make(board: str | recipe_mod.Recipe, model: Path | str, *,
          input_shapes: Mapping[str, Sequence[int]] | None = None,
          out_dir: Path | str = "dist", fmt: str = "tar", run_verify: bool = True,
-         progress: Progress | None = None) -> MakeResult:
-    """Build a verified bundle of ``model`` for ``board``; returns where it was written."""
+         progress: Progress | None = None, runtime_source: str | None = None,
+         allow_runtime_mismatch: bool | None = None) -> MakeResult:
+    """Build a verified bundle of ``model`` for ``board``; returns where it was written.
+
+    ``runtime_source`` overrides the recipe's runtime.source ("wheel", "git" or a TVM tree's path);
+    ``allow_runtime_mismatch`` its runtime.allow_version_mismatch.
+    """
     progress = progress or Progress(quiet=True)
     if fmt not in bundle_mod.FORMATS:
         raise UserError(f"--format: {fmt!r} is not allowed; expected {one_of(bundle_mod.FORMATS)}")
@@ -71,9 +76,13 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
         model_id = model_mod.digest(prepared)
         s.done(detail=_signature_line(prepared) + (f", folded {prepared.folded_nodes} nodes"
                                                    if prepared.folded_nodes else ""))
-    with progress.step(f"get the TVM runtime for {r.runtime.platform}") as s:
-        rt = runtime.get(r)
-        s.done(cached=rt.cached, detail=f"apache-tvm {versions['apache-tvm']}")
+    source = runtime_source or r.runtime.source
+    what = f"the {r.runtime.platform} wheels" if source == "wheel" else "TVM's sources"
+    with progress.step(f"get the TVM runtime for {r.name} from {what}") as s:
+        rt = runtime.get(r, source=source, allow_mismatch=allow_runtime_mismatch, step=s)
+        tree = (rt.build or {}).get("tree") if rt.build else None
+        s.done(cached=rt.cached, detail=f"apache-tvm {versions['apache-tvm']}" + (
+            f", tree {tree['version'] or tree['identity'][:19]} ({rt.build['lock']})" if tree else ""))
     with progress.step(f"build the deploy harness for {r.name}") as s:
         h = harness.build(tc, rt)
         s.done(cached=h.cached)

@@ -119,7 +119,9 @@ def cmd_make(args: argparse.Namespace) -> int:
     progress = Progress(quiet=args.quiet)
     start = time.monotonic()
     result = api.make(args.board, Path(args.model), input_shapes=shapes, out_dir=Path(args.out),
-                      fmt=args.format, run_verify=not args.no_verify, progress=progress)
+                      fmt=args.format, run_verify=not args.no_verify, progress=progress,
+                      runtime_source=args.runtime_source,
+                      allow_runtime_mismatch=True if args.allow_runtime_mismatch else None)
     if args.json:
         print(json.dumps({"bundle": str(result.bundle), "bundle_id": result.bundle_id,
                           "overlay": str(result.overlay) if result.overlay else None,
@@ -350,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tar (the bundle); overlay (also a rootfs overlay tree and its tarball for image builds); "
                         "deb (also a Debian package)")
     s.add_argument("--no-verify", action="store_true", help="skip the verification at the end")
+    s.add_argument("--runtime-source", metavar="wheel|git|DIR",
+                   help="where the TVM runtime comes from, instead of the recipe's runtime.source: PyPI's "
+                        "wheels, TVM's git repository at the compiler's version, or a TVM source tree")
+    s.add_argument("--allow-runtime-mismatch", action="store_true",
+                   help="build the runtime from a TVM tree even if its version is not the compiler's")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_make)

@@ -33,9 +33,10 @@ def build(tc: Toolchain, rt: Runtime, options: dict[str, str] | None = None) -> 
     ``options`` are extra CMake cache settings (e.g. ``{"TVMBUNDLE_SANITIZE": "address"}`` for tests).
     """
     options = dict(options or {})
+    include_dir = rt.include_dir or ffi_include_dir()
+    headers = cache.sha256_tree(rt.include_dir) if rt.include_dir else md.version("apache-tvm-ffi")
     key = cache.key("harness", cache.sha256_tree(SOURCE_DIR), tc.identity(), options,
-                    {"runtime": [cache.sha256_file(p) for p in rt.libs]},
-                    {"tvm-ffi headers": md.version("apache-tvm-ffi")})
+                    {"runtime": [cache.sha256_file(p) for p in rt.libs]}, {"tvm-ffi headers": headers})
 
     def do_build(tmp: Path) -> dict[str, object]:
         build_dir = tmp / "build"
@@ -43,7 +44,7 @@ def build(tc: Toolchain, rt: Runtime, options: dict[str, str] | None = None) -> 
         toolchain_file = tc.cmake_toolchain_file(tmp / "toolchain.cmake")
         proc.run([cmake(), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja()}", "-S", str(SOURCE_DIR),
                   "-B", str(build_dir), f"-DCMAKE_TOOLCHAIN_FILE={toolchain_file}",
-                  "-DCMAKE_BUILD_TYPE=Release", f"-DTVM_FFI_INCLUDE_DIR={ffi_include_dir()}",
+                  "-DCMAKE_BUILD_TYPE=Release", f"-DTVM_FFI_INCLUDE_DIR={include_dir}",
                   f"-DTVM_RUNTIME_LIB_DIR={rt.lib_dir}",
                   *(f"-D{k}={v}" for k, v in sorted(options.items()))],
                  what="configure the deploy harness")

@@ -38,7 +38,9 @@ BASE_LIBS = (
     "ld-linux-aarch64.so.1", "ld-linux-armhf.so.3", "ld-linux-riscv64-lp64d.so.1",
     "ld-linux-x86-64.so.2",
 )
-RUNTIME_SOURCES = ("wheel",)
+RUNTIME_SOURCES = ("wheel", "git")   # or a path to a TVM source tree
+RUNTIME_OPTIMIZE = ("size", "speed")
+DEFAULT_TVM_GIT_URL = "https://github.com/apache/tvm.git"
 TARGET_KEYS = ("kind", "mtriple", "mcpu", "mattr", "mfloat-abi", "mabi", "num-cores", "keys", "tag",
                "host", "opt-level", "vector-width")
 _VERSION_RE = re.compile(r"^\d+\.\d+(\.\d+)?$")
@@ -119,6 +121,19 @@ def is_str_table(v: Any) -> str | None:
     return f"expected a table of strings, got {_show(v)}"
 
 
+def is_bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else f"expected true or false, got {_show(v)}"
+
+
+def is_runtime_source(v: Any) -> str | None:
+    if v in RUNTIME_SOURCES:
+        return None
+    if isinstance(v, str) and ("/" in v or v.startswith("~")):
+        return None     # a TVM source tree the user already has
+    return (f"{_show(v)} is not allowed; expected 'wheel', 'git' or the path of a TVM source tree "
+            "(with a '/', e.g. \"~/src/tvm\")" + (did_you_mean(v, RUNTIME_SOURCES) if isinstance(v, str) else ""))
+
+
 def is_listen(v: Any) -> str | None:
     if isinstance(v, str):
         host, _, port = v.rpartition(":")
@@ -160,6 +175,11 @@ def _default_platform(values: Mapping[str, Any]) -> str | None:
     return CPU_FAMILIES[values["host_machine.cpu_family"]][3]
 
 
+def _default_runtime_source(values: Mapping[str, Any]) -> str:
+    # PyPI's wheels where they exist (fast, official); TVM's sources for every other CPU.
+    return "wheel" if CPU_FAMILIES[values["host_machine.cpu_family"]][3] else "git"
+
+
 def _default_qemu(values: Mapping[str, Any]) -> str:
     return CPU_FAMILIES[values["host_machine.cpu_family"]][2] if _is_foreign(values) else ""
 
@@ -191,11 +211,27 @@ SCHEMA: dict[str, Field] = {
     "toolchain.cflags": Field(is_str_list, "extra compile flags", default=[]),
     "toolchain.ldflags": Field(is_str_list, "extra link flags", default=[]),
     "toolchain.debian_packages": Field(is_str_list, "Debian packages that provide the toolchain", default=[]),
+    "toolchain.yocto_sdk": Field(is_str, "a Yocto SDK's environment-setup-* script: CC, CXX, the sysroot and "
+                                 "flags are read from it ('' : none)", default=""),
     "tvm.target": Field(lambda v: None if isinstance(v, dict) else f"expected a table, got {_show(v)}",
                         "TVM target, passed to tvm.target.Target as a dict", required=True),
-    "runtime.source": Field(is_choice(*RUNTIME_SOURCES), "where the TVM runtime comes from", default="wheel"),
+    "runtime.source": Field(is_runtime_source, "where the TVM runtime comes from: 'wheel' (PyPI), 'git' "
+                            "(TVM's repository at the compiler's version) or the path of a TVM source tree",
+                            default=_default_runtime_source),
     "runtime.platform": Field(is_nonempty_str, "wheel platform tag for runtime.source = 'wheel'",
                               default=_default_platform),
+    "runtime.git_url": Field(is_nonempty_str, "repository runtime.source = 'git' clones",
+                             default=DEFAULT_TVM_GIT_URL),
+    "runtime.git_ref": Field(is_str, "tag, branch or commit to build ('': the installed compiler's release tag)",
+                             default=""),
+    "runtime.allow_version_mismatch": Field(is_bool, "build from a TVM tree whose version is not the compiler's",
+                                            default=False),
+    "runtime.optimize": Field(is_choice(*RUNTIME_OPTIMIZE), "source builds: 'size' (-Os, LTO, section GC) or "
+                              "'speed' (-O2)", default="size"),
+    "runtime.rpc": Field(is_bool, "source builds: include TVM's RPC support (for tuning on the board)",
+                         default=False),
+    "runtime.backtrace": Field(is_bool, "source builds: include libbacktrace for symbolized error traces",
+                               default=False),
     "install.prefix": Field(is_abs_path, "install root on the device", default="/opt/tvmbundle"),
     "service.listen": Field(is_listen, "address the inference service listens on", default="127.0.0.1:8470"),
     "service.threads": Field(is_int(1, 1024), "inference threads",
@@ -262,12 +298,23 @@ class ToolchainSpec:
     cflags: tuple[str, ...]
     ldflags: tuple[str, ...]
     debian_packages: tuple[str, ...]
+    yocto_sdk: str = ""
 
 
 @dataclass(frozen=True)
 class RuntimeSpec:
-    source: str
+    source: str                 # "wheel", "git" or a path
     platform: str | None
+    git_url: str = DEFAULT_TVM_GIT_URL
+    git_ref: str = ""
+    allow_version_mismatch: bool = False
+    optimize: str = "size"
+    rpc: bool = False
+    backtrace: bool = False
+
+    @property
+    def from_source(self) -> bool:
+        return self.source != "wheel"
 
 
 @dataclass(frozen=True)
@@ -522,11 +569,23 @@ def _resolve(path: Path, raw: dict[str, Any], origins: dict[str, str], chain: tu
         default = " (the default)" if origins["runtime.source"] == "default" else ""
         raise RecipeError(where("runtime.source"), "runtime.source",
                           f"'wheel'{default} is not available for cpu_family {family!r}: PyPI has TVM runtime "
-                          "wheels only for aarch64 and x86_64 (set runtime.platform if you have another)")
+                          "wheels only for aarch64 and x86_64: use runtime.source = 'git' (or the path of a TVM "
+                          "source tree) to build it from TVM's sources, or set runtime.platform if you have a wheel")
 
     prefix = values["toolchain.prefix"]
-    cc = values["toolchain.cc"] or f"{prefix or ''}gcc"
-    cxx = values["toolchain.cxx"] or f"{prefix or ''}g++"
+    if values["toolchain.yocto_sdk"] and origins.get("toolchain.prefix") == "derived":
+        prefix = values["toolchain.prefix"] = None       # the SDK names its own tools
+        origins["toolchain.prefix"] = "toolchain.yocto_sdk"
+    if values["toolchain.yocto_sdk"]:
+        # Read when the toolchain is resolved (the script is the user's machine's, not recipe data).
+        cc = values["toolchain.cc"] or ""
+        cxx = values["toolchain.cxx"] or ""
+        for k in ("toolchain.cc", "toolchain.cxx"):
+            if not values[k]:
+                origins[k] = "toolchain.yocto_sdk"
+    else:
+        cc = values["toolchain.cc"] or f"{prefix or ''}gcc"
+        cxx = values["toolchain.cxx"] or f"{prefix or ''}g++"
     values["toolchain.cc"], values["toolchain.cxx"] = cc, cxx
     origins.setdefault("toolchain.cc", "derived")
     origins.setdefault("toolchain.cxx", "derived")
@@ -548,9 +607,13 @@ def _resolve(path: Path, raw: dict[str, Any], origins: dict[str, str], chain: tu
         toolchain=ToolchainSpec(
             prefix=prefix, cc=cc, cxx=cxx, sysroot=values["toolchain.sysroot"],
             cflags=tuple(values["toolchain.cflags"]), ldflags=tuple(values["toolchain.ldflags"]),
-            debian_packages=tuple(values["toolchain.debian_packages"])),
+            debian_packages=tuple(values["toolchain.debian_packages"]), yocto_sdk=values["toolchain.yocto_sdk"]),
         target=frozen_target,
-        runtime=RuntimeSpec(source=values["runtime.source"], platform=values["runtime.platform"]),
+        runtime=RuntimeSpec(source=values["runtime.source"], platform=values["runtime.platform"],
+                            git_url=values["runtime.git_url"], git_ref=values["runtime.git_ref"],
+                            allow_version_mismatch=values["runtime.allow_version_mismatch"],
+                            optimize=values["runtime.optimize"], rpc=values["runtime.rpc"],
+                            backtrace=values["runtime.backtrace"]),
         install_prefix=values["install.prefix"],
         service=ServiceSpec(listen=values["service.listen"], threads=values["service.threads"],
                             user=values["service.user"],

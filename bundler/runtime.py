@@ -21,7 +21,8 @@ from pathlib import Path
 
 from . import cache, proc
 from .errors import UserError
-from .recipe import Recipe
+from .progress import Step
+from .recipe import Recipe, display_path
 
 LIBS = {"apache-tvm": "tvm/lib/libtvm_runtime.so", "apache-tvm-ffi": "tvm_ffi/lib/libtvm_ffi.so"}
 
@@ -29,18 +30,24 @@ LIBS = {"apache-tvm": "tvm/lib/libtvm_runtime.so", "apache-tvm-ffi": "tvm_ffi/li
 @dataclass(frozen=True)
 class Runtime:
     lib_dir: Path           # holds libtvm_runtime.so and libtvm_ffi.so for the board
-    origin: str             # "wheel"
-    platform: str
+    origin: str             # "wheel" or "source"
+    platform: str           # wheel platform tag, or the toolchain's target for source builds
     versions: dict[str, str]
     sources: dict[str, str]  # library -> where it came from (wheel file name, or "installed")
     cached: bool
+    include_dir: Path | None = None     # tvm-ffi headers matching the libraries (None: the installed ones)
+    build: dict[str, object] | None = None   # source builds: the tree and options
 
     @property
     def libs(self) -> list[Path]:
         return [self.lib_dir / Path(p).name for p in LIBS.values()]
 
     def manifest(self) -> dict[str, object]:
-        return {"origin": self.origin, "platform": self.platform, **self.versions, "sources": self.sources}
+        out: dict[str, object] = {"origin": self.origin, "platform": self.platform, **self.versions,
+                                  "sources": self.sources}
+        if self.build:
+            out["build"] = self.build
+        return out
 
 
 def compiler_versions() -> dict[str, str]:
@@ -60,9 +67,17 @@ def _installed_tags(dist: str) -> set[str]:
     return {line.split(":", 1)[1].strip().split("-")[-1] for line in wheel.splitlines() if line.startswith("Tag:")}
 
 
-def get(recipe: Recipe) -> Runtime:
-    if recipe.runtime.source != "wheel":
-        raise UserError(f"{recipe.name}: runtime.source {recipe.runtime.source!r} is not supported")
+def get(recipe: Recipe, *, source: str | None = None, allow_mismatch: bool | None = None,
+        step: Step | None = None) -> Runtime:
+    """The board's runtime: from the wheels, or built from a TVM source tree.
+
+    ``source`` and ``allow_mismatch`` override the recipe's runtime.source and
+    runtime.allow_version_mismatch (the CLI's --runtime-source, --allow-runtime-mismatch).
+    """
+    source = source or recipe.runtime.source
+    if source != "wheel":
+        return _from_source(recipe, source, recipe.runtime.allow_version_mismatch
+                            if allow_mismatch is None else allow_mismatch, step)
     platform = recipe.runtime.platform
     assert platform
     versions = compiler_versions()
@@ -131,3 +146,79 @@ def _download(platform: str, versions: dict[str, str], dest: Path) -> dict[str, 
             raise UserError(f"pip did not download a {dist} wheel for {platform}")
         found[dist] = matches[0]
     return found
+
+
+# --- from TVM's sources -------------------------------------------------------------------------
+
+BUILD_RECIPE = 1     # bump when the way we drive TVM's build changes what it produces
+
+
+def config_cmake(recipe: Recipe) -> str:
+    """TVM reads ``config.cmake`` from its build folder and its ``set()`` lines win over ``-D``
+    options, so the options go here: only what a deployed harness needs."""
+    rt = recipe.runtime
+    on = {True: "ON", False: "OFF"}
+    return "\n".join([
+        "# Written by tvmbundle for the board's runtime: CPU only, no compiler.",
+        "set(USE_LLVM OFF)",
+        f"set(USE_RPC {on[rt.rpc]})",
+        "set(USE_CPP_RPC OFF)",
+        "set(USE_THREADS ON)",
+        "set(USE_OPENMP none)",
+        "set(USE_GTEST OFF)",
+        "set(USE_CCACHE OFF)",
+        "set(USE_ALTERNATIVE_LINKER OFF)",
+        "set(BUILD_STATIC_RUNTIME OFF)",
+        "set(INSTALL_DEV OFF)",
+        "set(SUMMARIZE OFF)",
+        "set(BUILD_TESTING OFF)",
+        f"set(TVM_FFI_USE_LIBBACKTRACE {on[rt.backtrace]})",
+        f"set(TVM_FFI_BACKTRACE_ON_SEGFAULT {on[rt.backtrace]})",
+        "set(TVM_FFI_BUILD_TESTS OFF)",
+        "set(TVM_FFI_BUILD_PYTHON_MODULE OFF)",
+        "",
+    ])
+
+
+def _from_source(recipe: Recipe, source: str, allow: bool, step: Step | None) -> Runtime:
+    from . import cmakebuild, toolchain, tvmsource
+
+    origin = recipe.origins.get("runtime.source", "")
+    file = origin if origin.endswith(".toml") else display_path(recipe.path)
+    tree = tvmsource.locate(recipe, source, file, step)
+    matched = tvmsource.check_lock(tree, recipe, allow)
+    tc = toolchain.resolve(recipe)
+    flags = cmakebuild.flags_for(tc, recipe.machine.cpu_family, recipe.runtime.optimize)
+    config = config_cmake(recipe)
+    versions = compiler_versions()
+    key = cache.key("runtime-source", BUILD_RECIPE, tree.identity, tc.identity(), flags.key(), config)
+
+    def build(tmp: Path) -> dict[str, object]:
+        build_dir = tmp / "build"
+        cmakebuild.build(tree.path, build_dir, tc, flags, targets=["runtime"], config_cmake=config, step=step,
+                         what=f"build the TVM runtime for {recipe.name}")
+        lib_dir = tmp / "lib"
+        lib_dir.mkdir()
+        for member in LIBS.values():
+            name = Path(member).name
+            found = sorted(build_dir.rglob(name), key=lambda p: len(p.parts))
+            if not found:
+                raise UserError(f"TVM's build of {tree.path} made no {name}; is it a TVM release tree?")
+            shutil.copyfile(found[0].resolve(), lib_dir / name)
+            (lib_dir / name).chmod(0o755)
+        # The headers that go with these libraries, for the harness.
+        inc = tmp / "include"
+        shutil.copytree(tree.path / tvmsource.FFI / "include", inc)
+        shutil.copytree(tree.path / tvmsource.FFI / "3rdparty" / "dlpack" / "include", inc, dirs_exist_ok=True)
+        shutil.rmtree(build_dir)
+        return {"tree": tree.manifest()}
+
+    entry = cache.get("runtime", key, build)
+    info: dict[str, object] = {"tree": entry.meta["tree"], "lock": matched,
+                               "options": {"optimize": recipe.runtime.optimize, "rpc": recipe.runtime.rpc,
+                                           "backtrace": recipe.runtime.backtrace},
+                               "toolchain": tc.version}
+    return Runtime(lib_dir=entry.path / "lib", origin="source", platform=tc.machine, versions=versions,
+                   sources={Path(m).name: f"built from TVM {tree.version or 'sources'} ({tree.identity[:19]})"
+                            for m in LIBS.values()},
+                   cached=entry.hit, include_dir=entry.path / "include", build=info)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,8 @@ class Toolchain:
         return {"cc": str(self.cc), "cxx": str(self.cxx), "machine": self.machine, "version": self.version,
                 "sysroot": str(self.sysroot or ""), "cflags": list(self.cflags), "ldflags": list(self.ldflags)}
 
-    def cmake_toolchain_file(self, path: Path) -> Path:
+    def cmake_toolchain_file(self, path: Path, *, extra_cflags: tuple[str, ...] = (),
+                             extra_ldflags: tuple[str, ...] = ()) -> Path:
         """Write a CMake toolchain file for this compiler; returns ``path``."""
         def q(s: object) -> str:
             return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -53,11 +56,13 @@ class Toolchain:
                 "set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)",
                 "set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE ONLY)",
             ]
-        if self.cflags:
-            flags = " ".join(self.cflags)
+        cflags = [*self.cflags, *extra_cflags]
+        ldflags = [*self.ldflags, *extra_ldflags]
+        if cflags:
+            flags = " ".join(cflags)
             lines += [f"set(CMAKE_C_FLAGS_INIT {q(flags)})", f"set(CMAKE_CXX_FLAGS_INIT {q(flags)})"]
-        if self.ldflags:
-            flags = " ".join(self.ldflags)
+        if ldflags:
+            flags = " ".join(ldflags)
             lines += [f"set(CMAKE_EXE_LINKER_FLAGS_INIT {q(flags)})", f"set(CMAKE_SHARED_LINKER_FLAGS_INIT {q(flags)})"]
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -68,11 +73,77 @@ def install_command(recipe: Recipe) -> str | None:
     return f"apt-get install {' '.join(pkgs)}" if pkgs else None
 
 
+@dataclass(frozen=True)
+class YoctoSdk:
+    """What a Yocto SDK's ``environment-setup-*`` script sets up (poky's meta/classes/toolchain-scripts)."""
+
+    script: Path
+    cc: list[str]           # "$CC": the compiler and the flags every compile needs (-mcpu, --sysroot, ...)
+    cxx: list[str]
+    cflags: list[str]
+    cxxflags: list[str]
+    ldflags: list[str]
+    sysroot: Path | None
+    prefix: str             # $TARGET_PREFIX, e.g. "aarch64-poky-linux-"
+    path: str               # $PATH with the SDK's tool folders first
+
+
+def read_yocto_sdk(script: str, file: str) -> YoctoSdk:
+    """Source the script in a clean bash and read the variables it exports."""
+    path = Path(script).expanduser()
+    if not path.is_file():
+        raise RecipeError(file, "toolchain.yocto_sdk", f"{script!r} does not exist; expected the "
+                          "environment-setup-<target> script of an installed Yocto SDK "
+                          "(e.g. /opt/poky/4.0/environment-setup-cortexa72-poky-linux)")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/")}
+    # A fixed script with the file as "$1": no part of the recipe becomes shell code.
+    out = proc.run(["bash", "-c", 'set -e; . "$1" >/dev/null; env -0', "bash", str(path.resolve())],
+                   what=f"read the Yocto SDK environment {path}", env=env).stdout
+    values = dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
+    if not values.get("CC") or not values.get("CXX"):
+        raise RecipeError(file, "toolchain.yocto_sdk", f"{script!r} did not set CC and CXX; is it an SDK's "
+                          "environment-setup-* script?")
+    sysroot = values.get("SDKTARGETSYSROOT") or values.get("OECORE_TARGET_SYSROOT")
+    return YoctoSdk(script=path, cc=shlex.split(values["CC"]), cxx=shlex.split(values["CXX"]),
+                    cflags=shlex.split(values.get("CFLAGS", "")), cxxflags=shlex.split(values.get("CXXFLAGS", "")),
+                    ldflags=shlex.split(values.get("LDFLAGS", "")), sysroot=Path(sysroot) if sysroot else None,
+                    prefix=values.get("TARGET_PREFIX", ""), path=values.get("PATH", env["PATH"]))
+
+
+def _find_in(tool: str, search_path: str) -> Path | None:
+    if os.sep in tool:
+        return proc.tool_path(tool)
+    found = shutil.which(tool, path=search_path)
+    return Path(found) if found else None
+
+
+def _from_yocto(recipe: Recipe, file: str) -> Toolchain:
+    sdk = read_yocto_sdk(recipe.toolchain.yocto_sdk, file)
+    spec = recipe.toolchain
+    cc = _find_in(spec.cc or sdk.cc[0], sdk.path)
+    cxx = _find_in(spec.cxx or sdk.cxx[0], sdk.path)
+    for tool, found in ((spec.cc or sdk.cc[0], cc), (spec.cxx or sdk.cxx[0], cxx)):
+        if found is None:
+            raise ToolMissing(tool, None, f"cross-compile for {recipe.name} (from toolchain.yocto_sdk "
+                                          f"{sdk.script}; is the SDK installed completely?)")
+    assert cc is not None and cxx is not None
+    # The SDK puts -mcpu/-mfpu/--sysroot into $CC itself; every compile and link needs them.
+    # Its CFLAGS (-O2 -pipe -g ...) are the SDK's taste for applications; ours decide optimisation.
+    machine_flags = [f for f in sdk.cxx[1:] if not f.startswith("--sysroot")]
+    strip = _find_in(f"{sdk.prefix}strip", sdk.path) if sdk.prefix else None
+    return _identify(recipe, file, cc, cxx, strip, sdk.sysroot,
+                     cflags=(*machine_flags, *spec.cflags),
+                     ldflags=(*machine_flags, *[f for f in sdk.ldflags if f.startswith("-Wl,")], *spec.ldflags))
+
+
 def resolve(recipe: Recipe) -> Toolchain:
     """Find the recipe's compilers and check they target the board."""
     spec = recipe.toolchain
     origin = recipe.origins.get("toolchain.cxx", "")
-    file = origin if origin not in ("derived", "default") else display_path(recipe.path)
+    file = origin if origin not in ("derived", "default", "toolchain.yocto_sdk") else display_path(recipe.path)
+    if spec.yocto_sdk:
+        sdk_origin = recipe.origins.get("toolchain.yocto_sdk", "")
+        return _from_yocto(recipe, sdk_origin if sdk_origin not in ("default", "derived") else file)
     found: dict[str, Path] = {}
     for key, tool in (("toolchain.cc", spec.cc), ("toolchain.cxx", spec.cxx)):
         p = proc.tool_path(tool)
@@ -81,19 +152,25 @@ def resolve(recipe: Recipe) -> Toolchain:
                               f"cross-compile for {recipe.name} ({key})")
         found[key] = p
     strip = proc.tool_path(f"{spec.prefix}strip") if spec.prefix is not None else None
-    cxx = found["toolchain.cxx"]
-    machine = proc.run([cxx, "-dumpmachine"], what="ask the C++ compiler for its target").stdout.strip()
+    sysroot = Path(spec.sysroot) if spec.sysroot else None
+    if sysroot is not None and not sysroot.is_dir():
+        raise ToolMissing(str(sysroot), install_command(recipe), f"find the {recipe.name} sysroot (toolchain.sysroot)")
+    return _identify(recipe, file, found["toolchain.cc"], found["toolchain.cxx"], strip, sysroot,
+                     cflags=spec.cflags, ldflags=spec.ldflags)
+
+
+def _identify(recipe: Recipe, file: str, cc: Path, cxx: Path, strip: Path | None, sysroot: Path | None, *,
+              cflags: tuple[str, ...], ldflags: tuple[str, ...]) -> Toolchain:
+    # With the flags: clang's --target=... (or an SDK's -m options) decide what it targets.
+    machine = proc.run([cxx, *cflags, "-dumpmachine"], what="ask the C++ compiler for its target").stdout.strip()
     version = proc.run([cxx, "--version"], what="ask the C++ compiler for its version").stdout.splitlines()[0]
     want = recipe.machine.triple.split("-")[0]
     got = machine.split("-")[0]
     if not _same_arch(want, got):
         raise RecipeError(file, "toolchain.cxx",
-                          f"{spec.cxx!r} targets {machine}, but the board is {recipe.machine.triple}")
-    sysroot = Path(spec.sysroot) if spec.sysroot else None
-    if sysroot is not None and not sysroot.is_dir():
-        raise ToolMissing(str(sysroot), install_command(recipe), f"find the {recipe.name} sysroot (toolchain.sysroot)")
-    return Toolchain(cc=found["toolchain.cc"], cxx=cxx, strip=strip, sysroot=sysroot, machine=machine,
-                     version=version, cflags=spec.cflags, ldflags=spec.ldflags,
+                          f"{str(cxx)!r} targets {machine}, but the board is {recipe.machine.triple}")
+    return Toolchain(cc=cc, cxx=cxx, strip=strip, sysroot=sysroot, machine=machine,
+                     version=version, cflags=tuple(cflags), ldflags=tuple(ldflags),
                      processor=_CMAKE_PROCESSOR[recipe.machine.cpu_family])
 
 
