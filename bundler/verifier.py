@@ -38,8 +38,15 @@ class BoardFacts:
 
     @classmethod
     def from_recipe(cls, r: recipe_mod.Recipe) -> BoardFacts:
+        ld_prefix = r.ld_prefix
+        if r.toolchain.yocto_sdk and r.qemu and r.origins.get("verify.ld_prefix") == "derived":
+            # The SDK's target sysroot holds the board's own loader and libraries: run against those.
+            from .toolchain import read_yocto_sdk
+
+            sdk = read_yocto_sdk(r.toolchain.yocto_sdk, r.origins.get("toolchain.yocto_sdk", str(r.path)))
+            ld_prefix = str(sdk.sysroot or ld_prefix)
         return cls(r.name, r.machine.elf_machine, r.machine.bits, r.machine.float_abi, r.machine.glibc,
-                   r.machine.glibcxx, r.machine.base_libs, r.qemu, r.ld_prefix)
+                   r.machine.glibcxx, r.machine.base_libs, r.qemu, ld_prefix)
 
 
 @dataclass
