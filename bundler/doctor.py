@@ -23,7 +23,8 @@ class Finding:
 def examine(r: Recipe) -> list[Finding]:
     out: list[Finding] = []
     apt_all = " ".join(r.toolchain.debian_packages)
-    for key, tool in (("toolchain.cc", r.toolchain.cc), ("toolchain.cxx", r.toolchain.cxx)):
+    compilers = () if r.toolchain.yocto_sdk else (("toolchain.cc", r.toolchain.cc), ("toolchain.cxx", r.toolchain.cxx))
+    for key, tool in compilers:
         p = proc.tool_path(tool)
         out.append(Finding(f"{key} {tool}", p is not None, str(p) if p else "not found",
                            "" if p else f"apt-get install {apt_all}" if apt_all else proc.install_hint(tool) or ""))
@@ -44,6 +45,15 @@ def examine(r: Recipe) -> list[Finding]:
                            "" if p else "apt-get install qemu-user"))
     else:
         out.append(Finding("emulator", True, "not needed: the board runs natively here"))
+    if r.runtime.source == "git":
+        p = proc.tool_path("git")
+        out.append(Finding("git (runtime.source = 'git')", p is not None, str(p) if p else "not found",
+                           "" if p else "apt-get install git"))
+    elif r.runtime.source != "wheel":
+        from . import tvmsource
+
+        problem = tvmsource.not_a_tree(Path(r.runtime.source).expanduser())
+        out.append(Finding(f"TVM tree {r.runtime.source}", problem is None, problem or "present"))
     for name, fn in (("cmake", toolchain.cmake), ("ninja", toolchain.ninja)):
         try:
             path = fn()

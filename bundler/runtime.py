@@ -40,7 +40,8 @@ class Runtime:
 
     @property
     def libs(self) -> list[Path]:
-        return [self.lib_dir / Path(p).name for p in LIBS.values()]
+        """The runtime's libraries and any toolchain library they need that the board lacks."""
+        return sorted(p for p in self.lib_dir.iterdir() if p.is_file())
 
     def manifest(self) -> dict[str, object]:
         out: dict[str, object] = {"origin": self.origin, "platform": self.platform, **self.versions,
@@ -150,7 +151,7 @@ def _download(platform: str, versions: dict[str, str], dest: Path) -> dict[str, 
 
 # --- from TVM's sources -------------------------------------------------------------------------
 
-BUILD_RECIPE = 1     # bump when the way we drive TVM's build changes what it produces
+BUILD_RECIPE = 2     # bump when the way we drive TVM's build changes what it produces
 
 
 def config_cmake(recipe: Recipe) -> str:
@@ -206,6 +207,7 @@ def _from_source(recipe: Recipe, source: str, allow: bool, step: Step | None) ->
                 raise UserError(f"TVM's build of {tree.path} made no {name}; is it a TVM release tree?")
             shutil.copyfile(found[0].resolve(), lib_dir / name)
             (lib_dir / name).chmod(0o755)
+        _add_toolchain_libs(lib_dir, tc, recipe)
         # The headers that go with these libraries, for the harness.
         inc = tmp / "include"
         shutil.copytree(tree.path / tvmsource.FFI / "include", inc)
@@ -222,3 +224,22 @@ def _from_source(recipe: Recipe, source: str, allow: bool, step: Step | None) ->
                    sources={Path(m).name: f"built from TVM {tree.version or 'sources'} ({tree.identity[:19]})"
                             for m in LIBS.values()},
                    cached=entry.hit, include_dir=entry.path / "include", build=info)
+
+
+def _add_toolchain_libs(lib_dir: Path, tc, recipe: Recipe) -> None:
+    """Bundle the compiler's own libraries the runtime needs beyond the board's base system
+    (riscv64: libatomic.so.1, which GCC calls for sub-word atomics and Debian does not always
+    install), taken from the cross toolchain that linked against them."""
+    from . import elf
+
+    have = {p.name for p in lib_dir.iterdir()}
+    for lib in sorted(lib_dir.iterdir()):
+        for needed in elf.inspect(lib).needed:
+            if needed in have or needed in recipe.machine.base_libs:
+                continue
+            found = proc.run([tc.cxx, *tc.cflags, *([f"--sysroot={tc.sysroot}"] if tc.sysroot else []),
+                              f"-print-file-name={needed}"], what=f"find {needed} in the toolchain").stdout.strip()
+            if found and Path(found).is_file():
+                shutil.copyfile(Path(found).resolve(), lib_dir / needed)
+                (lib_dir / needed).chmod(0o755)
+                have.add(needed)

@@ -70,13 +70,13 @@ def locate(recipe: Recipe, source: str, file: str, step=None) -> Tree:
         # Relative to the recipe that names it, like meson's cross files.
         path = (recipe.path.parent / path) if file.endswith(".toml") else path
     path = path.resolve()
-    problem = _not_a_tree(path)
+    problem = not_a_tree(path)
     if problem:
         raise RecipeError(file, "runtime.source", f"{source!r}: {problem}")
     return identify(path, origin="path")
 
 
-def _not_a_tree(path: Path) -> str | None:
+def not_a_tree(path: Path) -> str | None:
     if not path.is_dir():
         return "no such folder; expected 'wheel', 'git' or the path of a TVM source tree"
     if not (path / "CMakeLists.txt").is_file() or not (path / "src" / "runtime").is_dir():
