@@ -104,9 +104,17 @@ def clone(url: str, ref: str, step=None) -> Path:
         # of hundreds of MB that a CPU runtime never reads.
         proc.run([git, "init", "-q", str(dest)], what="clone TVM's sources")
         proc.run([git, "-C", str(dest), "remote", "add", "origin", url], what="clone TVM's sources")
+        # One commit, and the tag itself when ref is one (its name is the tree's version); never
+        # --tags, which would bring a snapshot of every release.
+        fetch = [git, "-C", str(dest), "fetch", "-q", "--depth", "1", "--no-tags", "origin"]
         try:
-            proc.run([git, "-C", str(dest), "fetch", "-q", "--depth", "1", "--tags", "origin", ref],
-                     what=f"fetch {ref} from {url}", timeout=1800)
+            if not re.fullmatch(r"[0-9a-f]{40}", ref):
+                tag = proc.run([*fetch, f"+refs/tags/{ref}:refs/tags/{ref}"], check=False, timeout=1800)
+                if tag.returncode == 0:
+                    proc.run([git, "-C", str(dest), "update-ref", "FETCH_HEAD", f"refs/tags/{ref}^{{commit}}"],
+                             what="check out TVM's sources")
+            if re.fullmatch(r"[0-9a-f]{40}", ref) or tag.returncode != 0:
+                proc.run([*fetch, ref], what=f"fetch {ref} from {url}", timeout=1800)
         except UserError as e:
             raise UserError(f"cannot fetch {ref!r} from {url}: {e}",
                             hint="set runtime.git_url to a reachable mirror and runtime.git_ref to a tag, "
