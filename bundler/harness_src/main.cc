@@ -19,6 +19,7 @@
 
 #include "model.h"
 #include "npy.h"
+#include "rpc.h"
 #include "serve.h"
 
 namespace tvmbundle {
@@ -37,6 +38,9 @@ constexpr const char* kUsage =
     "  serve [--listen HOST:PORT]            HTTP inference service (GET /healthz, GET /v1/info,\n"
     "                                        POST /v1/infer with .npy bodies)\n"
     "  probe [HOST:PORT] [--timeout S]       exit 0 when the service there answers /healthz with 200\n"
+    "  rpc [--host H] [--port P] [--key K] [--tracker HOST:PORT] [--sessions N]\n"
+    "                                        TVM RPC server for tuning on this board (needs no model;\n"
+    "                                        default 127.0.0.1:9090, key tvmbundle)\n"
     "\n"
     "options:\n"
     "  --bundle DIR   the bundle folder (default: the folder above this program's bin/)\n"
@@ -433,6 +437,13 @@ int Main(int argc, char** argv) {
   }
   // TVM sizes its thread pool from TVM_NUM_THREADS when the pool first starts.
   if (!threads.empty()) setenv("TVM_NUM_THREADS", threads.c_str(), 1);
+  if (cmd == "rpc") {
+    try {
+      return RpcServe(rest);
+    } catch (const std::invalid_argument& e) {
+      throw Usage(e.what());
+    }
+  }
   if (cmd != "info" && cmd != "run" && cmd != "bench" && cmd != "selftest" && cmd != "serve" &&
       cmd != "probe") {
     throw Usage("unknown command '" + cmd + "'");
