@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import bundle as bundle_mod
-from . import cache, harness, model as model_mod, onnxmodel, runtime, toolchain
+from . import cache, harness, model as model_mod, onnxmodel, runtime, toolchain, tuning
 from . import recipe as recipe_mod
 from .errors import UserError, one_of
 from .progress import Progress, StepRecord
@@ -50,8 +50,11 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
          input_shapes: Mapping[str, Sequence[int]] | None = None,
          out_dir: Path | str = "dist", fmt: str = "tar", run_verify: bool = True,
          progress: Progress | None = None, runtime_source: str | None = None,
-         allow_runtime_mismatch: bool | None = None) -> MakeResult:
+         allow_runtime_mismatch: bool | None = None, tuned: bool | Path | str = True) -> MakeResult:
     """Build a verified bundle of ``model`` for ``board``; returns where it was written.
+
+    ``tuned``: True applies the database `tvmbundle tune` wrote for this model, board target and
+    TVM version, when there is one; a folder applies that database; False compiles untuned.
 
     ``runtime_source`` overrides the recipe's runtime.source ("wheel", "git" or a TVM tree's path);
     ``allow_runtime_mismatch`` its runtime.allow_version_mismatch.
@@ -86,9 +89,13 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
     with progress.step(f"build the deploy harness for {r.name}") as s:
         h = harness.build(tc, rt)
         s.done(cached=h.cached)
+    db = _tuning_database(tuned, model_id, r, versions)
+    if db is not None:
+        progress.note(f"applying tuning database {db.key[:12]} ({db.records} measured candidates, "
+                      f"{db.workloads} kernels)")
     with progress.step(f"compile {model.name} for {r.name}") as s:
-        compiled = model_mod.compile_for_board(prepared, model_id, model, r, tc, versions)
-        s.done(cached=compiled.cached)
+        compiled = model_mod.compile_for_board(prepared, model_id, model, r, tc, versions, database=db)
+        s.done(cached=compiled.cached, detail="tuned" if db else "untuned: default schedules")
     with progress.step("compute selftest vectors on this machine") as s:
         vectors = model_mod.selftest_vectors(prepared, model_id, model, r.model.seed, versions)
         s.done(cached=vectors.cached)
@@ -102,6 +109,8 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
         staging = Path(tmp) / "stage"
         files = bundle_mod.stage(staging, parts)
         manifest = _manifest(r, name, model, prepared, versions, rt, vectors, epoch)
+        manifest["target"] = tuning.board_target(r)
+        manifest["tuning"] = db.manifest() if db else None
         bid = bundle_mod.bundle_id(files, manifest)
         manifest = {"format": bundle_mod.FORMAT, "bundle_id": bid, **manifest,
                     "files": [f.to_json() for f in files]}
@@ -129,6 +138,19 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
     if run_verify:
         report = verify(out, board=r, progress=progress)
     return MakeResult(out, bid, manifest, list(progress.steps), report, overlay)
+
+
+def _tuning_database(tuned: bool | Path | str, model_id: str, r: recipe_mod.Recipe,
+                     versions: dict[str, str]) -> tuning.Database | None:
+    if tuned is False:
+        return None
+    if tuned is True:
+        return tuning.find(model_id, r, versions)
+    db = tuning.open_database(Path(tuned))
+    if db is None:
+        raise UserError(f"--tuning-db: {tuned}: no tuning records there "
+                        f"(expected {tuning.RECORDS}, written by `tvmbundle tune`)")
+    return db
 
 
 def _publish(src: Path, out_dir: Path) -> Path:

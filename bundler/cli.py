@@ -121,7 +121,8 @@ def cmd_make(args: argparse.Namespace) -> int:
     result = api.make(args.board, Path(args.model), input_shapes=shapes, out_dir=Path(args.out),
                       fmt=args.format, run_verify=not args.no_verify, progress=progress,
                       runtime_source=args.runtime_source,
-                      allow_runtime_mismatch=True if args.allow_runtime_mismatch else None)
+                      allow_runtime_mismatch=True if args.allow_runtime_mismatch else None,
+                      tuned=False if args.no_tuning else (Path(args.tuning_db) if args.tuning_db else True))
     if args.json:
         print(json.dumps({"bundle": str(result.bundle), "bundle_id": result.bundle_id,
                           "overlay": str(result.overlay) if result.overlay else None,
@@ -132,6 +133,34 @@ def cmd_make(args: argparse.Namespace) -> int:
         verified = " and verified" if result.verified else ""
         progress.note(f"bundle{verified} in {time.monotonic() - start:.1f} s: {result.bundle}")
         print(result.overlay or result.bundle)
+    return EXIT_OK
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from . import onnxmodel, tuning
+
+    shapes = dict(onnxmodel.parse_input_shape(s) for s in args.input_shape or [])
+    progress = Progress(quiet=args.quiet)
+    ssh = {"identity": Path(args.identity) if args.identity else None,
+           "known_hosts": Path(args.known_hosts) if args.known_hosts else None,
+           "accept_new_host_key": args.accept_new_host_key}
+    try:
+        result = tuning.run(args.board, Path(args.model), input_shapes=shapes, trials=args.trials,
+                            time_limit=tuning.parse_duration(args.time_limit) if args.time_limit else None,
+                            host=args.host, rpc_addr=args.rpc, tracker=args.tracker, key=args.key,
+                            emulate=args.emulate, ssh_options=ssh, progress=progress)
+    except KeyboardInterrupt:
+        print("tvmbundle: interrupted; what was measured is kept: run the same command again to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPT
+    db = result.database
+    if args.json:
+        print(json.dumps({"database": str(db.path) if db else None, "records": db.records if db else 0,
+                          "workloads": db.workloads if db else 0, "tasks": result.tasks,
+                          "measured": result.measured, "previously": result.previously,
+                          "seconds": round(result.seconds, 1), "stopped": result.stopped}, indent=2))
+    else:
+        print(db.path if db else "no tuning records")
     return EXIT_OK
 
 
@@ -352,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tar (the bundle); overlay (also a rootfs overlay tree and its tarball for image builds); "
                         "deb (also a Debian package)")
     s.add_argument("--no-verify", action="store_true", help="skip the verification at the end")
+    s.add_argument("--no-tuning", action="store_true",
+                   help="ignore the tuning database `tvmbundle tune` wrote for this model and board")
+    s.add_argument("--tuning-db", metavar="DIR", help="apply this tuning database folder instead")
     s.add_argument("--runtime-source", metavar="wheel|git|DIR",
                    help="where the TVM runtime comes from, instead of the recipe's runtime.source: PyPI's "
                         "wheels, TVM's git repository at the compiler's version, or a TVM source tree")
@@ -360,6 +392,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_make)
+
+    s = sub.add_parser("tune", help="tune a model's kernels for a board (MetaSchedule), here or on the board over RPC")
+    s.add_argument("board")
+    s.add_argument("--model", required=True, help="the ONNX model")
+    s.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...")
+    s.add_argument("--trials", type=int, help="candidates to measure in all, counting earlier runs "
+                                              "(default: the recipe's tune.trials, 64)")
+    s.add_argument("--time-limit", metavar="DURATION", help="stop after this long: 90s, 15m, 2h "
+                                                             "(default: the recipe's tune.time_limit, none)")
+    where = s.add_argument_group("where candidates run (default: here, for the build machine's architecture)")
+    where.add_argument("--host", metavar="USER@HOST[:PORT]",
+                       help="a device: tvmbundle starts `tvm-deploy rpc` there over SSH and stops it afterwards")
+    where.add_argument("--rpc", metavar="HOST:PORT", help="a running `tvm-deploy rpc` (or TVM RPC) server")
+    where.add_argument("--tracker", metavar="HOST:PORT", help="a TVM RPC tracker; servers register under --key")
+    where.add_argument("--key", help="the RPC key (default: tvmbundle)")
+    where.add_argument("--emulate", action="store_true",
+                       help="run the board's RPC server here under qemu-user (checks the flow; timings mean nothing)")
+    s.add_argument("--identity", metavar="KEY_FILE")
+    s.add_argument("--known-hosts", metavar="FILE")
+    s.add_argument("--accept-new-host-key", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("verify", help="check a bundle and run its selftest (under qemu-user for foreign boards)")
     s.add_argument("bundle")
@@ -417,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("cache", help="show or trim the build cache")
     s.add_argument("action", choices=["list", "prune"])
     s.add_argument("--older-than", type=float, metavar="DAYS", help="prune: only entries older than DAYS")
-    s.add_argument("--kind", help="prune: only entries of this kind (runtime, harness, model, vectors, bundle)")
+    s.add_argument("--kind", help="prune: only entries of this kind (runtime, tvm-source, harness, model, vectors, bundle)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_cache)
 

@@ -52,16 +52,24 @@ class CompiledModel:
 
 
 def compile_for_board(prepared: PreparedModel, model_id: str, source: Path, recipe: Recipe, tc: Toolchain,
-                      versions: dict[str, str]) -> CompiledModel:
-    """``model_id`` is :func:`digest` of ``prepared``, computed once by the caller."""
-    key = cache.key("model", model_id, recipe.target_dict(), versions, tc.identity())
+                      versions: dict[str, str], database=None) -> CompiledModel:
+    """``model_id`` is :func:`digest` of ``prepared``, computed once by the caller.
+
+    ``database`` (a :class:`bundler.tuning.Database`) supplies tuned schedules; kernels it lacks get
+    TVM's default CPU schedules. The target carries the board's thread count (num-cores)."""
+    from . import tuning
+
+    key = cache.key("model", model_id, tuning.board_target(recipe), versions, tc.identity(),
+                    {"tuning": database.sha256 if database else None, "pipeline": 2})
 
     def build(tmp: Path) -> dict[str, Any]:
         tvm, _ = _tvm()
         mod = to_relax(prepared, source)
-        target = target_for(recipe)
+        target_for(recipe)  # names the recipe when TVM rejects its target
+        target = tvm.target.Target(tuning.board_target(recipe))
         try:
-            ex = tvm.compile(mod, target=target)
+            ex = tvm.compile(mod, target=target,
+                             relax_pipeline=tuning.pipeline(target, database.path if database else None))
         except Exception as e:
             raise ModelError(f"{source}: TVM failed to compile the model for {recipe.name}: "
                              f"{str(e).strip().splitlines()[-1]}") from None
