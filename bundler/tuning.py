@@ -264,7 +264,12 @@ def _tune_contexts(extracted, work: Path):
 
     threads = max(1, min(os.cpu_count() or 1, 2))
     tasks, weights = [], []
-    loggers = get_loggers_from_work_dir(str(work), [t.task_name for t in extracted])
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):   # its handlers bind to the stdout of this moment
+        loggers = get_loggers_from_work_dir(str(work), [t.task_name for t in extracted])
+    _quiet_metaschedule()
     for task, logger, rand_state in zip(extracted, loggers, fork_seed(0, n=len(extracted))):
         kinds = ms.Mutator.create("llvm")
         safe = {m: p for m, p in kinds.items() if type(m).__name__ in ("MutateTileSize", "MutateUnroll")}
@@ -275,6 +280,20 @@ def _tune_contexts(extracted, work: Path):
                                     rand_state=rand_state, num_threads=threads).clone())
         weights.append(task.weight)
     return tasks, weights
+
+
+def _quiet_metaschedule() -> None:
+    """MetaSchedule logs its task tables to stdout: send them to stderr (stdout carries our result,
+    e.g. --json), and only with -v."""
+    import sys
+
+    verbose = logging.getLogger("tvmbundle.cmd").isEnabledFor(logging.INFO)
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("tvm.s_tir.meta_schedule")]
+    for name in ["tvm.s_tir.meta_schedule", *names]:
+        for h in logging.getLogger(name).handlers:
+            if type(h) is logging.StreamHandler:
+                h.setStream(sys.stderr)
+                h.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def _write_meta(path: Path, model_id: str, target: dict[str, Any], versions: dict[str, str], trials: int,
