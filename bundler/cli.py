@@ -113,9 +113,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_make(args: argparse.Namespace) -> int:
-    from . import api, onnxmodel
+    from . import api, bench, onnxmodel
 
     shapes = dict(onnxmodel.parse_input_shape(s) for s in args.input_shape or [])
+    if args.bench:
+        bench.require_native(args.board)      # refuse a foreign board before the build, not after
     progress = Progress(quiet=args.quiet)
     start = time.monotonic()
     result = api.make(args.board, Path(args.model), input_shapes=shapes, out_dir=Path(args.out),
@@ -123,15 +125,24 @@ def cmd_make(args: argparse.Namespace) -> int:
                       runtime_source=args.runtime_source,
                       allow_runtime_mismatch=True if args.allow_runtime_mismatch else None,
                       tuned=False if args.no_tuning else (Path(args.tuning_db) if args.tuning_db else True))
+    report = None
+    if args.bench:
+        with progress.step(f"benchmark {result.bundle.name} here") as s:
+            report = bench.bench(result.bundle, onnx_model=Path(args.model))
+            s.done(detail=f"p50 {report.tvm.p50_ms:.3f} ms" + (f", onnxruntime {report.onnxruntime.p50_ms:.3f} ms"
+                                                              if report.onnxruntime else ""))
     if args.json:
         print(json.dumps({"bundle": str(result.bundle), "bundle_id": result.bundle_id,
                           "overlay": str(result.overlay) if result.overlay else None,
                           "rebuilt": result.rebuilt,
                           "steps": [{"name": s.name, "seconds": round(s.seconds, 3), "cached": s.cached}
-                                    for s in result.steps]}, indent=2))
+                                    for s in result.steps],
+                          **({"bench": report.to_json()} if report else {})}, indent=2))
     else:
         verified = " and verified" if result.verified else ""
         progress.note(f"bundle{verified} in {time.monotonic() - start:.1f} s: {result.bundle}")
+        if report:      # on stderr: stdout stays the bundle's path alone, for scripts
+            _print_bench(Console(stderr=True, highlight=False, soft_wrap=True, width=200), report)
         print(result.overlay or result.bundle)
     return EXIT_OK
 
@@ -162,6 +173,33 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         print(db.path if db else "no tuning records")
     return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    report = bench.bench(Path(args.bundle), target=_target(args) if args.host else None, runs=args.runs,
+                         warmup=args.warmup, threads=args.threads,
+                         onnx_model=Path(args.model) if args.model else None, emulate=args.emulate)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        _print_bench(_out(), report)
+    return EXIT_OK
+
+
+def _print_bench(out: Console, report) -> None:
+    out.print(f"{report.name} for {report.board} ({report.cpu_family}), {report.mode}: {report.runs} runs after "
+              f"{report.warmup} warm-up, {report.threads} threads", markup=False)
+    table = Table("runtime", "p50 ms", "p90 ms", "mean ms", "measured on", box=None, pad_edge=False)
+    for r in report.results:
+        table.add_row(r.runtime, f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.mean_ms:.3f}",
+                      r.where + (" [EMULATED]" if r.emulated else ""))
+    out.print(table)
+    if report.comparable and report.onnxruntime.p50_ms > 0:
+        out.print(f"tvm / onnxruntime p50: {report.tvm.p50_ms / report.onnxruntime.p50_ms:.2f}")
+    for note in report.notes:
+        out.print(f"note: {note}", markup=False)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -303,8 +341,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     return EXIT_OK if report.completed or args.dry_run else EXIT_USER
 
 
-def _connection_options(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--host", required=True, metavar="USER@HOST[:PORT]", help="the device")
+def _connection_options(s: argparse.ArgumentParser, required: bool = True) -> None:
+    s.add_argument("--host", required=required, metavar="USER@HOST[:PORT]", help="the device")
     s.add_argument("--identity", metavar="KEY_FILE", help="private key (default: agent and ~/.ssh keys)")
     s.add_argument("--known-hosts", metavar="FILE", help="known_hosts to check the device's key against "
                                                           "(default: ~/.ssh/known_hosts)")
@@ -381,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tar (the bundle); overlay (also a rootfs overlay tree and its tarball for image builds); "
                         "deb (also a Debian package)")
     s.add_argument("--no-verify", action="store_true", help="skip the verification at the end")
+    s.add_argument("--bench", action="store_true",
+                   help="then benchmark the bundle here (boards of this machine's CPU family), next to "
+                        "onnxruntime on the same model when it is installed")
     s.add_argument("--no-tuning", action="store_true",
                    help="ignore the tuning database `tvmbundle tune` wrote for this model and board")
     s.add_argument("--tuning-db", metavar="DIR", help="apply this tuning database folder instead")
@@ -415,6 +456,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_tune)
+
+    s = sub.add_parser("bench", help="latency of a bundle here, on a device over SSH or under qemu-user, "
+                                     "next to onnxruntime here")
+    s.add_argument("bundle", help="a bundle .tar.gz written by make")
+    _connection_options(s, required=False)
+    s.add_argument("--accept-new-host-key", action="store_true")
+    s.add_argument("--emulate", action="store_true",
+                   help="a foreign board: run under qemu-user here (checks the flow; timings mean nothing)")
+    s.add_argument("--runs", type=int, default=20, metavar="N", help="timed runs (default 20)")
+    s.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed runs first (default 3)")
+    s.add_argument("--threads", type=int, metavar="N",
+                   help="threads of both runtimes (default: the bundle's service.threads)")
+    s.add_argument("--model", metavar="M.onnx", help="the ONNX model the bundle was built from: also run it "
+                                                      "with onnxruntime here, on the same inputs")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("verify", help="check a bundle and run its selftest (under qemu-user for foreign boards)")
     s.add_argument("bundle")
