@@ -120,6 +120,17 @@ def test_resume_counts_earlier_records(tmp_path):
 
 
 @needs_tuning
+def test_the_time_limit_holds_and_keeps_what_was_measured(tmp_path):
+    """A budget no run could finish in 2 s: the limit ends it after the batch in flight, the run
+    reports it, and what was measured is in the database for next time."""
+    m = fresh(tiny(tmp_path / "tiny.onnx", seed=9), "x86_64")
+    result = tuning.run("x86_64", m, trials=100000, time_limit=2.0)
+    assert result.stopped == "time limit" and result.measured < 100000
+    if result.measured:
+        assert len((result.database.path / tuning.RECORDS).read_text().splitlines()) == result.measured
+
+
+@needs_tuning
 def test_aarch64_over_rpc_under_qemu(tmp_path):
     """The whole RPC flow for a foreign board: the board's own harness serves under qemu-aarch64,
     candidates are cross-built with the board's compiler and measured there, make applies them."""
