@@ -67,8 +67,11 @@ class Endpoint:
     where: str = ""            # for messages: "qemu-aarch64 on 127.0.0.1", "pi@10.0.0.7", ...
 
     def describe(self) -> str:
-        via = f"tracker {self.host}:{self.port} key {self.key}" if self.tracker else f"{self.host}:{self.port}"
-        return f"RPC {via}" + (f" ({self.where})" if self.where else "")
+        """Where candidates ran, as the manifest records it: without the ephemeral local port of a
+        tunnel or an emulated server, so the same tuning gives the same bundle."""
+        if self.where:
+            return f"RPC ({self.where})"
+        return "RPC " + (f"tracker {self.host}:{self.port} key {self.key}" if self.tracker else f"{self.host}:{self.port}")
 
 
 def parse_hostport(flag: str, text: str) -> tuple[str, int]:

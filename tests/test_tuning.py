@@ -6,8 +6,12 @@ Budgets are a handful of trials on a tiny model; nothing here asserts a duration
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata as md
 import json
+import os
+import shutil
+import subprocess
 import socket
 from pathlib import Path
 
@@ -194,3 +198,30 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+device = pytest.mark.skipif(not (shutil.which("sshd") and shutil.which("unshare") and os.geteuid() == 0),
+                            reason="test devices need root, openssh-server and unshare (see tests/test_release.py)")
+
+
+@needs_tuning
+@device
+def test_tune_on_a_device_over_ssh_leaves_nothing_behind(tmp_path):
+    """--host: the RPC server goes to the device, listens on its loopback only, is reached through
+    the SSH connection, measures, and is stopped and removed. The device is a loopback sshd
+    (tests/sshd.py) on this x86_64 machine, so the x86_64 board's server runs there natively."""
+    if recipe.host_cpu_family() != "x86_64":
+        pytest.skip("the device is this machine: needs an x86_64 build machine")
+    from tests.sshd import Fleet
+
+    m = fresh(tiny(tmp_path / "tiny.onnx", seed=10), "x86_64")
+    before = set(glob.glob("/tmp/tvmbundle-rpc.*"))
+    with Fleet(tmp_path) as fleet:
+        (dev,) = fleet.add(1)
+        opts = {"identity": dev.key, "known_hosts": dev.known_hosts}
+        result = tuning.run("x86_64", m, trials=2, host=f"root@{dev.host}:{dev.port}", ssh_options=opts)
+        assert result.measured == 2 and result.database is not None
+        assert result.database.meta["runner"] == f"RPC (root@{dev.host}:{dev.port} via SSH)"
+        assert set(glob.glob("/tmp/tvmbundle-rpc.*")) <= before            # its folder is gone
+        ps = subprocess.run(["pgrep", "-f", "tvm-deploy rpc"], capture_output=True, text=True)
+        assert ps.stdout.strip() == "", "the RPC server was left running"
