@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import socket
 from pathlib import Path
 
@@ -225,3 +226,30 @@ def test_tune_on_a_device_over_ssh_leaves_nothing_behind(tmp_path):
         assert set(glob.glob("/tmp/tvmbundle-rpc.*")) <= before            # its folder is gone
         ps = subprocess.run(["pgrep", "-f", "tvm-deploy rpc"], capture_output=True, text=True)
         assert ps.stdout.strip() == "", "the RPC server was left running"
+
+
+@needs_tuning
+def test_tune_through_a_tvm_tracker(tmp_path):
+    """Boards behind TVM's own tracker: `tvm-deploy rpc --tracker` registers with it under a key, and
+    `tune --tracker ... --key ...` gets its sessions from the tracker (all on 127.0.0.1)."""
+    pytest.importorskip("tornado", reason="TVM's tracker needs tornado (in the test extra)")
+    from tvm import rpc as tvm_rpc
+    from tvm.rpc.tracker import Tracker
+
+    m = fresh(tiny(tmp_path / "tiny.onnx", seed=11), "x86_64")
+    tracker = Tracker("127.0.0.1", port=9190, port_end=9390, silent=True)
+    addr = f"127.0.0.1:{tracker.port}"
+    try:
+        with rpc.local_server(recipe.load("x86_64"), key="lab-x86", tracker=addr):
+            for _ in range(100):      # registration is asynchronous
+                summary = tvm_rpc.connect_tracker("127.0.0.1", tracker.port).summary()
+                if any(q.get("free", 0) for k, q in summary["queue_info"].items() if k == "lab-x86"):
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"the server never registered with the tracker: {summary}")
+            result = tuning.run("x86_64", m, trials=2, tracker=addr, key="lab-x86")
+        assert result.measured == 2
+        assert result.database.meta["runner"] == f"RPC tracker {addr} key lab-x86"
+    finally:
+        tracker.terminate()
