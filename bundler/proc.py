@@ -70,6 +70,23 @@ class Result:
     stderr: str
 
 
+def _prepare(argv: Sequence[str | os.PathLike], cwd: str | os.PathLike | None, what: str | None,
+             install: str | None) -> tuple[list[str], str, str]:
+    """(argv as strings, the program's path, the folder it runs in), logged as ``cwd$ cmd``;
+    a missing program is a ToolMissing with its install command."""
+    args = [os.fspath(a) for a in argv]
+    if not args:
+        raise ValueError("empty argv")
+    exe = args[0]
+    if os.sep not in exe:
+        exe = which(exe, why=what or "", install=install)
+    elif not os.path.exists(exe):
+        raise ToolMissing(args[0], install or install_hint(args[0]), what or "")
+    where = os.fspath(cwd) if cwd else os.getcwd()
+    log.info("%s$ %s", where, format_argv(args))
+    return args, exe, where
+
+
 def run(
     argv: Sequence[str | os.PathLike],
     *,
@@ -86,16 +103,7 @@ def run(
     ``what`` names the step for the error message ("cross-compile the harness").
     ``env`` is merged over os.environ.
     """
-    args = [os.fspath(a) for a in argv]
-    if not args:
-        raise ValueError("empty argv")
-    exe = args[0]
-    if os.sep not in exe:
-        exe = which(exe, why=what or "", install=install)
-    elif not os.path.exists(exe):
-        raise ToolMissing(args[0], install or install_hint(args[0]), what or "")
-    where = os.fspath(cwd) if cwd else os.getcwd()
-    log.info("%s$ %s", where, format_argv(args))
+    args, exe, where = _prepare(argv, cwd, what, install)
     full_env = None
     if env:
         full_env = dict(os.environ)
@@ -136,14 +144,7 @@ def stream(
     """Like :func:`run`, for long builds: each output line (stdout and stderr merged) goes to
     ``on_line`` as it comes.  ``failure`` turns the whole output into the message of a failure
     (a build tool knows which lines name the failing command); the default is the tail."""
-    args = [os.fspath(a) for a in argv]
-    exe = args[0]
-    if os.sep not in exe:
-        exe = which(exe, why=what or "", install=install)
-    elif not os.path.exists(exe):
-        raise ToolMissing(args[0], install or install_hint(args[0]), what or "")
-    where = os.fspath(cwd) if cwd else os.getcwd()
-    log.info("%s$ %s", where, format_argv(args))
+    args, exe, where = _prepare(argv, cwd, what, install)
     full_env = dict(os.environ)
     full_env.update(env or {})
     lines: list[str] = []
