@@ -361,6 +361,12 @@ class Recipe:
     def foreign(self) -> bool:
         return bool(self.qemu)
 
+    def file_of(self, key: str) -> str:
+        """The recipe file that set ``key``, for errors (``FILE: KEY: problem``); this recipe's own
+        file when the value is a default or derived."""
+        origin = self.origins.get(key, "")
+        return origin if origin.endswith(".toml") else display_path(self.path)
+
     def target_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.target.items()}
 

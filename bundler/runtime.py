@@ -22,7 +22,7 @@ from pathlib import Path
 from . import cache, proc
 from .errors import UserError
 from .progress import Step
-from .recipe import Recipe, display_path
+from .recipe import Recipe
 
 LIBS = {"apache-tvm": "tvm/lib/libtvm_runtime.so", "apache-tvm-ffi": "tvm_ffi/lib/libtvm_ffi.so"}
 
@@ -102,8 +102,7 @@ def get(recipe: Recipe, *, source: str | None = None, allow_mismatch: bool | Non
                         data = z.read(member)
                     except KeyError:
                         raise UserError(f"{whl.name} has no {member}; cannot take the runtime from it") from None
-                (lib_dir / Path(member).name).write_bytes(data)
-                (lib_dir / Path(member).name).chmod(0o755)
+                _install_lib(data, lib_dir / Path(member).name)
                 sources[Path(member).name] = whl.name
             shutil.rmtree(tmp / "wheels")
         return {"sources": sources}
@@ -184,9 +183,7 @@ def config_cmake(recipe: Recipe) -> str:
 def _from_source(recipe: Recipe, source: str, allow: bool, step: Step | None) -> Runtime:
     from . import cmakebuild, toolchain, tvmsource
 
-    origin = recipe.origins.get("runtime.source", "")
-    file = origin if origin.endswith(".toml") else display_path(recipe.path)
-    tree = tvmsource.locate(recipe, source, file, step)
+    tree = tvmsource.locate(recipe, source, recipe.file_of("runtime.source"), step)
     matched = tvmsource.check_lock(tree, recipe, allow)
     tc = toolchain.resolve(recipe)
     flags = cmakebuild.flags_for(tc, recipe.machine.cpu_family, recipe.runtime.optimize)
@@ -205,8 +202,7 @@ def _from_source(recipe: Recipe, source: str, allow: bool, step: Step | None) ->
             found = sorted(build_dir.rglob(name), key=lambda p: len(p.parts))
             if not found:
                 raise UserError(f"TVM's build of {tree.path} made no {name}; is it a TVM release tree?")
-            shutil.copyfile(found[0].resolve(), lib_dir / name)
-            (lib_dir / name).chmod(0o755)
+            _install_lib(found[0].resolve(), lib_dir / name)
         _add_toolchain_libs(lib_dir, tc, recipe)
         # The headers that go with these libraries, for the harness.
         inc = tmp / "include"
@@ -226,6 +222,15 @@ def _from_source(recipe: Recipe, source: str, allow: bool, step: Step | None) ->
                    cached=entry.hit, include_dir=entry.path / "include", build=info)
 
 
+def _install_lib(src: Path | bytes, dest: Path) -> None:
+    """A shared library into the runtime's lib/, executable as the loader and packagers expect."""
+    if isinstance(src, bytes):
+        dest.write_bytes(src)
+    else:
+        shutil.copyfile(src, dest)
+    dest.chmod(0o755)
+
+
 def _add_toolchain_libs(lib_dir: Path, tc, recipe: Recipe) -> None:
     """Bundle the compiler's own libraries the runtime needs beyond the board's base system
     (riscv64: libatomic.so.1, which GCC calls for sub-word atomics and Debian does not always
@@ -240,6 +245,5 @@ def _add_toolchain_libs(lib_dir: Path, tc, recipe: Recipe) -> None:
             found = proc.run([tc.cxx, *tc.cflags, *([f"--sysroot={tc.sysroot}"] if tc.sysroot else []),
                               f"-print-file-name={needed}"], what=f"find {needed} in the toolchain").stdout.strip()
             if found and Path(found).is_file():
-                shutil.copyfile(Path(found).resolve(), lib_dir / needed)
-                (lib_dir / needed).chmod(0o755)
+                _install_lib(Path(found).resolve(), lib_dir / needed)
                 have.add(needed)

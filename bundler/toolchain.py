@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import proc
 from .errors import RecipeError, ToolMissing
-from .recipe import Recipe, display_path
+from .recipe import Recipe
 
 # CMAKE_SYSTEM_PROCESSOR per cpu_family, as CMake and TVM's own build lists expect it.
 _CMAKE_PROCESSOR = {"aarch64": "aarch64", "arm": "armv7-a", "riscv64": "riscv64", "x86_64": "x86_64"}
@@ -139,11 +139,9 @@ def _from_yocto(recipe: Recipe, file: str) -> Toolchain:
 def resolve(recipe: Recipe) -> Toolchain:
     """Find the recipe's compilers and check they target the board."""
     spec = recipe.toolchain
-    origin = recipe.origins.get("toolchain.cxx", "")
-    file = origin if origin not in ("derived", "default", "toolchain.yocto_sdk") else display_path(recipe.path)
+    file = recipe.file_of("toolchain.cxx")
     if spec.yocto_sdk:
-        sdk_origin = recipe.origins.get("toolchain.yocto_sdk", "")
-        return _from_yocto(recipe, sdk_origin if sdk_origin not in ("default", "derived") else file)
+        return _from_yocto(recipe, recipe.file_of("toolchain.yocto_sdk"))
     found: dict[str, Path] = {}
     for key, tool in (("toolchain.cc", spec.cc), ("toolchain.cxx", spec.cxx)):
         p = proc.tool_path(tool)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import cache, proc
 from .errors import RecipeError, UserError
-from .recipe import Recipe, display_path
+from .recipe import Recipe
 
 FFI = "3rdparty/tvm-ffi"
 # What a runtime build reads: the content hash of a tree that is not a clean git checkout.
@@ -231,7 +231,7 @@ def check_lock(tree: Tree, recipe: Recipe, allow: bool) -> str:
     what = f"{tree.version or 'of unknown version'}" + (f" (commit {tree.commit[:10]})" if tree.commit else "")
     key = "runtime.allow_version_mismatch"
     raise UserError(
-        f"{display_path(recipe.path)}: runtime.source: the TVM tree {tree.path} is {what}, but the installed "
+        f"{recipe.file_of('runtime.source')}: runtime.source: the TVM tree {tree.path} is {what}, but the installed "
         f"compiler is apache-tvm {version}" + (f" (commit {commit})" if commit else "") +
         "; a model compiled by one may not load on the runtime of the other",
         hint=f"check out {default_ref(version)} in that tree (and `git submodule update --init --recursive`), "

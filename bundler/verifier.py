@@ -43,7 +43,7 @@ class BoardFacts:
             # The SDK's target sysroot holds the board's own loader and libraries: run against those.
             from .toolchain import read_yocto_sdk
 
-            sdk = read_yocto_sdk(r.toolchain.yocto_sdk, r.origins.get("toolchain.yocto_sdk", str(r.path)))
+            sdk = read_yocto_sdk(r.toolchain.yocto_sdk, r.file_of("toolchain.yocto_sdk"))
             ld_prefix = str(sdk.sysroot or ld_prefix)
         return cls(r.name, r.machine.elf_machine, r.machine.bits, r.machine.float_abi, r.machine.glibc,
                    r.machine.glibcxx, r.machine.base_libs, r.qemu, ld_prefix)
