@@ -17,9 +17,9 @@ __version__ = "0.1.0"
 # Imported on first use: `tvmbundle show` should not pay for numpy, onnx and TVM.
 _LAZY = {
     "make": "api", "MakeResult": "api",
-    "verify": "verifier", "Report": "verifier",
+    "verify": "package.verifier", "Report": "package.verifier",
     "UserError": "errors",
-    "Recipe": "recipe", "load_recipe": ("recipe", "load"),
+    "Recipe": "config.recipe", "load_recipe": ("config.recipe", "load"),
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 import tempfile
@@ -11,12 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import bundle as bundle_mod
-from . import cache, harness, model as model_mod, onnxmodel, runtime, toolchain, tuning
-from . import recipe as recipe_mod
-from .errors import UserError, one_of
-from .progress import Progress, StepRecord
-from .verifier import Report, verify
+from bundler import cache
+from bundler.build import harness, runtime, toolchain
+from bundler.compile import model as model_mod
+from bundler.compile import onnxmodel, rpc, tuning
+from bundler.compile.pipeline import board_target
+from bundler.config import recipe as recipe_mod
+from bundler.errors import UserError, one_of
+from bundler.package import bundle as bundle_mod
+from bundler.package.debian import build_deb
+from bundler.package.verifier import Report, verify
+from bundler.progress import Progress, StepRecord
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,7 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
         staging = Path(tmp) / "stage"
         files = bundle_mod.stage(staging, parts)
         manifest = _manifest(r, name, model, prepared, versions, rt, vectors, epoch)
-        manifest["target"] = tuning.board_target(r)
+        manifest["target"] = board_target(r)
         manifest["tuning"] = db.manifest() if db else None
         bid = bundle_mod.bundle_id(files, manifest)
         manifest = {"format": bundle_mod.FORMAT, "bundle_id": bid, **manifest,
@@ -129,8 +136,6 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
         if fmt == "overlay":
             overlay = _publish_overlay(staging, manifest, out_dir / f"{top}-overlay", epoch)
         elif fmt == "deb":
-            from .debian import build_deb
-
             overlay = build_deb(staging, manifest, out_dir, epoch, Path(tmp))
         s.done(cached=entry.hit, detail=str(overlay or out))
 
@@ -205,3 +210,63 @@ def _manifest(r: recipe_mod.Recipe, name: str, model: Path, prepared: onnxmodel.
         "service": {"listen": r.service.listen, "threads": r.service.threads, "user": r.service.user,
                     "environment": dict(r.service.environment)},
     }
+
+
+def tune(board, model: Path | str, *, input_shapes=None, trials: int | None = None, time_limit: float | None = None,
+        host: str | None = None, rpc_addr: str | None = None, tracker: str | None = None, key: str | None = None,
+        emulate: bool = False, ssh_options: dict[str, Any] | None = None, progress=None) -> tuning.TuneResult:
+    """`tvmbundle tune`: prepare the model as `make` does, then tune it for the board, measuring
+    locally (native board), on a device over SSH (``host``), on a running server (``rpc_addr``),
+    through a tracker (``tracker``/``key``) or under qemu-user here (``emulate``)."""
+    progress = progress or Progress(quiet=True)
+    r = load_recipe(board)
+    model = Path(model)
+    trials = trials if trials is not None else r.values.get("tune.trials", 64)
+    time_limit = time_limit if time_limit is not None else r.values.get("tune.time_limit", 0)
+    if sum(bool(x) for x in (host, rpc_addr, tracker, emulate)) > 1:
+        raise UserError("give only one of --host, --rpc, --tracker and --emulate")
+    if trials < 1:
+        raise UserError(f"--trials: expected a positive number, got {trials}")
+    shapes = {k: tuple(v) for k, v in r.model.input_shapes}
+    shapes.update({k: tuple(v) for k, v in (input_shapes or {}).items()})
+    versions = runtime.compiler_versions()
+    with progress.step(f"prepare {model.name}") as s:
+        prepared = onnxmodel.prepare(model, shapes or None)
+        onnxmodel.check_supported(prepared.model, model)
+        model_id = model_mod.digest(prepared)
+        s.done()
+    key = key or rpc.DEFAULT_KEY
+    with contextlib.ExitStack() as stack:
+        endpoint = None
+        if emulate:
+            with progress.step(f"start the {r.name} RPC server under {r.qemu or 'this machine'}") as s:
+                endpoint = stack.enter_context(rpc.local_server(r, key=key))
+                s.done(detail=endpoint.describe())
+        elif host:
+            # fabric and paramiko take most of a second to import: only tuning over SSH pays it.
+            from bundler.device import rpcserver
+            from bundler.device.ssh import Target
+
+            with progress.step(f"start the RPC server on {host}") as s:
+                endpoint = stack.enter_context(rpcserver.ssh_server(r, Target.parse(host, **(ssh_options or {})), key=key))
+                s.done(detail=endpoint.describe())
+        elif rpc_addr:
+            h, p = rpc.parse_hostport("--rpc", rpc_addr)
+            endpoint = rpc.Endpoint(h, p, key)
+        elif tracker:
+            h, p = rpc.parse_hostport("--tracker", tracker)
+            endpoint = rpc.Endpoint(h, p, key, tracker=True)
+        builder, runner, where = rpc.measure_setup(r, endpoint)
+        if endpoint is None:
+            os.environ.setdefault("TVM_NUM_THREADS", str(r.service.threads))
+        limit = f", at most {time_limit:g} s" if time_limit else ""
+        with progress.step(f"tune {model.name} for {r.name}: {trials} trials{limit}, measured {where}") as s:
+            def report(done: int, total: int) -> None:
+                s.update(f"measured {done}/{total}", min(1.0, done / total))
+            result = tuning.tune(r, prepared, model_id, model, versions, trials=trials, timeout=time_limit or 0,
+                          runner=runner, builder=builder, runner_name=where, on_progress=report)
+            db = result.database
+            s.done(detail=f"{result.measured} new, {result.previously} before ({result.stopped}); "
+                          f"{db.records if db else 0} records for {db.workloads if db else 0} of "
+                          f"{result.tasks} kernels")
+    return result

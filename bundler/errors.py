@@ -10,6 +10,7 @@ it never exits.
 from __future__ import annotations
 
 import difflib
+import shlex
 from collections.abc import Iterable
 
 
@@ -59,10 +60,8 @@ class CommandFailed(UserError):
         self.argv = argv
         self.returncode = returncode
         self.tail = tail
-        from .proc import format_argv  # local: proc imports this module
-
         head = f"{what} failed" if what else "command failed"
-        msg = f"{head} (exit code {returncode}): {format_argv(argv)}"
+        msg = f"{head} (exit code {returncode}): {shlex.join(str(a) for a in argv)}"
         if cwd:
             msg += f"\n  in: {cwd}"
         if tail.strip():
@@ -103,3 +102,7 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 def one_of(choices: Iterable[str]) -> str:
     """'one of: a, b, c' with the choices sorted for stable messages."""
     return "one of: " + ", ".join(sorted(choices))
+
+
+# The exit codes, one place for every command: a user error carries its own (2).
+EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_INTERRUPT = 0, 1, 2, 130

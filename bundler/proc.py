@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CommandFailed, ToolMissing
+from bundler.errors import CommandFailed, ToolMissing
 
 log = logging.getLogger("tvmbundle.cmd")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bundler import bundle
+from bundler.package import bundle
 
 
 def repack(src: Path, dest_dir: Path, mutate, *, fix_manifest: bool = True) -> Path:

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bundler.ssh import Target
+from bundler.device.ssh import Target
 
 SYSTEMCTL_DOUBLE = r"""#!/bin/sh
 # TEST DOUBLE for systemctl (see tests/sshd.py): no systemd runs as PID 1 on the test machine.
@@ -160,7 +160,7 @@ class Device:
 
     def systemctl(self, *args: str) -> int:
         """Run the device's systemctl over SSH (inside its PID namespace, like the deploy does)."""
-        from bundler.ssh import Remote
+        from bundler.device.ssh import Remote
 
         with Remote(self.target()) as r:
             return r.run(["systemctl", *args], "test", check=False).code

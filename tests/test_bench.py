@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from bundler import api, bench, recipe
+from bundler import api
+from bundler.config import recipe
+from bundler.device import bench
+from bundler.device.ssh import Target
 from bundler.errors import DeployError, UserError
-from bundler.ssh import Target
 from tests import models
 from tests.bundletools import repack
 from tests.sshd import free_port
@@ -207,7 +209,7 @@ device = pytest.mark.skipif(not (shutil.which("sshd") and shutil.which("unshare"
 @device
 @native_x86
 def test_bench_on_a_device_uploaded_then_installed(built, tmp_path, run_cli):
-    from bundler.release import deploy
+    from bundler.device.release import deploy
     from tests.sshd import Fleet
 
     with Fleet(tmp_path) as fleet:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from bundler import api, bundle, service
+from bundler import api
+from bundler.package import bundle, service
 from tests.conftest import REPO, session_cache
 
 EPOCH = "1700000000"

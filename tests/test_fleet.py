@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from bundler import api
+from bundler.device.fleet import load_inventory, parse_amount, plan_waves, rollout
 from bundler.errors import RecipeError, UserError
-from bundler.fleet import load_inventory, parse_amount, plan_waves, rollout
 from tests import models
 from tests.sshd import Fleet
 from tests.test_release import current_id, manifest
@@ -64,7 +64,7 @@ def go(fleet, bundle_path: Path, inv: Path, **kw):
     opts.update(kw)
     hosts = load_inventory(inv)
     # each test device keeps its units in its own folder
-    import bundler.fleet as fleet_mod
+    import bundler.device.fleet as fleet_mod
 
     orig = fleet_mod.Target
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bundler import api, bundle
+from bundler import api
+from bundler.package import bundle
 from tests import models
 from tests.bundletools import perturb_expected
 

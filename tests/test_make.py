@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bundler import api, bundle, cache
+from bundler import api, cache
 from bundler.errors import UserError
+from bundler.package import bundle
 from tests import models
 from tests.bundletools import perturb_expected, repack
 
@@ -60,7 +61,7 @@ def harness(top: Path, board: str, *args: str, check: bool = True) -> subprocess
 def onnxruntime_outputs(model: Path, inputs: list[np.ndarray], shapes=None) -> list[np.ndarray]:
     import onnxruntime as ort
 
-    from bundler import onnxmodel
+    from bundler.compile import onnxmodel
 
     prepared = onnxmodel.prepare(model, shapes)
     sess = ort.InferenceSession(prepared.model.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -18,9 +18,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bundler import onnxmodel
+from bundler.compile import onnxmodel
+from bundler.compile.onnxmodel import TensorSpec
 from bundler.errors import ModelError, UserError
-from bundler.onnxmodel import TensorSpec
 from tests import models
 
 REPO = Path(__file__).resolve().parent.parent

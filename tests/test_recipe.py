@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bundler import recipe
+from bundler.config import recipe
 from bundler.errors import RecipeError
 
 CORPUS = sorted((Path(__file__).parent / "recipes" / "invalid").glob("*.toml"))

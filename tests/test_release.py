@@ -19,11 +19,11 @@ import pytest
 
 from bundler import api
 from bundler.client import Client
+from bundler.device.release import deploy, rollback, status
 from bundler.errors import DeployError
-from bundler.release import deploy, rollback, status
 from tests import models
-from tests.sshd import Fleet
 from tests.bundletools import perturb_expected, repack
+from tests.sshd import Fleet
 
 pytestmark = [
     pytest.mark.skipif(not (shutil.which("sshd") and shutil.which("unshare")),
@@ -244,7 +244,7 @@ def test_cli_deploy_status_rollback(fleet, bundles, run_cli, monkeypatch):
     conn = ["--host", f"root@{dev.host}:{dev.port}", "--identity", str(dev.key), "--known-hosts",
             str(dev.known_hosts), "--prefix", str(dev.prefix)]
     # The CLI installs units into /etc/systemd/system; the test device keeps them in its own folder.
-    import bundler.ssh as ssh_mod
+    import bundler.device.ssh as ssh_mod
 
     orig = ssh_mod.Target.parse
 

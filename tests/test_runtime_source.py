@@ -13,8 +13,8 @@ What runs where:
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from bundler import cache, cmakebuild, elf, recipe, runtime, toolchain, tvmsource
+from bundler import cache
+from bundler.build import cmakebuild, elf, runtime, toolchain, tvmsource
+from bundler.config import recipe
 from bundler.errors import CommandFailed, RecipeError, UserError
 from tests import models
 

@@ -22,8 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bundler import api, bundle, harness, recipe, runtime, toolchain
+from bundler import api
+from bundler.build import harness, runtime, toolchain
 from bundler.client import Client, ServiceError, decode, encode
+from bundler.config import recipe
+from bundler.package import bundle
 from tests import models
 from tests.bundletools import perturb_expected
 

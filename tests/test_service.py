@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from bundler import recipe
+from bundler.config import recipe
 from bundler.errors import UserError
-from bundler.service import UNIT, is_loopback, render_unit
+from bundler.package.service import UNIT, is_loopback, render_unit
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                 reason="needs systemd-analyze (apt-get install systemd)")

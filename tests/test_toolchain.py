@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from bundler import recipe, toolchain
+from bundler.build import toolchain
+from bundler.config import recipe
 from bundler.errors import RecipeError
 from tests import models
 
@@ -84,7 +85,7 @@ def test_the_sdk_script_gives_compiler_flags_and_sysroot(tmp_path, sdk):
     assert tc.strip is not None and tc.strip.name == "aarch64-poky-linux-strip"
     assert "-Wl,--hash-style=gnu" in tc.ldflags
     # qemu runs the board's programs against the SDK's target sysroot.
-    from bundler.verifier import BoardFacts
+    from bundler.package.verifier import BoardFacts
 
     assert BoardFacts.from_recipe(recipe.load(str(sdk_board(tmp_path, sdk)))).sysroot == str(tc.sysroot)
 

@@ -11,9 +11,9 @@ import importlib.metadata as md
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bundler import api, bundle, model as model_mod, onnxmodel, recipe, rpc, runtime, tuning
+from bundler import api
+from bundler.build import runtime
+from bundler.compile import model as model_mod
+from bundler.compile import onnxmodel, rpc, tuning
+from bundler.config import recipe
 from bundler.errors import UserError
 
 
@@ -115,10 +119,10 @@ def test_native_tune_make_and_resume(tmp_path, run_cli):
 @needs_tuning
 def test_resume_counts_earlier_records(tmp_path):
     m = fresh(tiny(tmp_path / "tiny.onnx", seed=8), "x86_64")
-    first = tuning.run("x86_64", m, trials=2)
+    first = api.tune("x86_64", m, trials=2)
     assert first.measured == 2
     first_lines = (first.database.path / tuning.RECORDS).read_text().splitlines()
-    second = tuning.run("x86_64", m, trials=4)
+    second = api.tune("x86_64", m, trials=4)
     assert second.previously == 2 and second.measured == 2
     lines = (second.database.path / tuning.RECORDS).read_text().splitlines()
     assert lines[:2] == first_lines and len(lines) == 4    # appended, nothing measured twice over
@@ -129,7 +133,7 @@ def test_the_time_limit_holds_and_keeps_what_was_measured(tmp_path):
     """A budget no run could finish in 2 s: the limit ends it after the batch in flight, the run
     reports it, and what was measured is in the database for next time."""
     m = fresh(tiny(tmp_path / "tiny.onnx", seed=9), "x86_64")
-    result = tuning.run("x86_64", m, trials=100000, time_limit=2.0)
+    result = api.tune("x86_64", m, trials=100000, time_limit=2.0)
     assert result.stopped == "time limit" and result.measured < 100000
     if result.measured:
         assert len((result.database.path / tuning.RECORDS).read_text().splitlines()) == result.measured
@@ -143,7 +147,7 @@ def test_aarch64_over_rpc_under_qemu(tmp_path):
     r = recipe.load("aarch64")
     with rpc.local_server(r, key="test-key") as ep:
         assert ep.host == "127.0.0.1"
-        result = tuning.run("aarch64", m, trials=2, rpc_addr=f"{ep.host}:{ep.port}", key="test-key")
+        result = api.tune("aarch64", m, trials=2, rpc_addr=f"{ep.host}:{ep.port}", key="test-key")
     assert result.measured == 2
     db = result.database
     assert db.workloads >= 1          # measured on the board without errors (run_secs recorded)
@@ -220,7 +224,7 @@ def test_tune_on_a_device_over_ssh_leaves_nothing_behind(tmp_path):
     with Fleet(tmp_path) as fleet:
         (dev,) = fleet.add(1)
         opts = {"identity": dev.key, "known_hosts": dev.known_hosts}
-        result = tuning.run("x86_64", m, trials=2, host=f"root@{dev.host}:{dev.port}", ssh_options=opts)
+        result = api.tune("x86_64", m, trials=2, host=f"root@{dev.host}:{dev.port}", ssh_options=opts)
         assert result.measured == 2 and result.database is not None
         assert result.database.meta["runner"] == f"RPC (root@{dev.host}:{dev.port} via SSH)"
         assert set(glob.glob("/tmp/tvmbundle-rpc.*")) <= before            # its folder is gone
@@ -248,7 +252,7 @@ def test_tune_through_a_tvm_tracker(tmp_path):
                 time.sleep(0.1)
             else:
                 pytest.fail(f"the server never registered with the tracker: {summary}")
-            result = tuning.run("x86_64", m, trials=2, tracker=addr, key="lab-x86")
+            result = api.tune("x86_64", m, trials=2, tracker=addr, key="lab-x86")
         assert result.measured == 2
         assert result.database.meta["runner"] == f"RPC tracker {addr} key lab-x86"
     finally:

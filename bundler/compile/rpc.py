@@ -4,8 +4,7 @@ The server is ``tvm-deploy rpc``: the bundle's own harness and runtime libraries
 ``bin/`` + ``lib/`` as in a bundle), so candidates are measured by exactly the runtime a bundle
 ships. It can run
 
-* on a device over SSH (``--host``): tvmbundle uploads the kit, starts the server listening on
-  the device's 127.0.0.1 only, reaches it through an SSH tunnel, and stops it afterwards;
+* on a device over SSH (``--host``, :mod:`bundler.device.rpcserver`);
 * here under qemu-user (``--emulate``): checks the whole flow without a board (timings mean nothing);
 * anywhere the user started it (``--rpc HOST:PORT``), or behind a TVM RPC tracker shared by
   several boards (``--tracker HOST:PORT --key KEY``; start servers with ``tvm-deploy rpc
@@ -19,20 +18,19 @@ import functools
 import logging
 import os
 import shutil
-import socket
 import subprocess
-import tarfile
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import cache, harness, runtime, toolchain
-from .errors import DeployError, UserError
-from .recipe import Recipe
+from bundler import cache
+from bundler.build import harness, runtime, toolchain
+from bundler.config.recipe import Recipe
+from bundler.errors import UserError
+from bundler.proc import which
 
 log = logging.getLogger("tvmbundle")
 DEFAULT_KEY = "tvmbundle"
@@ -104,8 +102,6 @@ def local_server(recipe: Recipe, *, key: str = DEFAULT_KEY, port: int = 0, track
     if tracker:
         argv += ["--tracker", tracker]
     if recipe.qemu:
-        from .proc import which
-
         argv = [which(recipe.qemu, why=f"run the {recipe.name} RPC server"),
                 *(["-L", recipe.ld_prefix] if recipe.ld_prefix else []), *argv]
     env = dict(os.environ, TVM_NUM_THREADS=str(threads or recipe.service.threads))
@@ -129,95 +125,22 @@ def local_server(recipe: Recipe, *, key: str = DEFAULT_KEY, port: int = 0, track
         errlog.close()
 
 
-@contextlib.contextmanager
-def ssh_server(recipe: Recipe, target, *, key: str = DEFAULT_KEY, remote_port: int = 9090,
-               threads: int | None = None) -> Iterator[Endpoint]:
-    """Start the RPC server on a device over SSH (listening on its 127.0.0.1 only), tunnel to it,
-    and stop it and remove its files afterwards."""
-    from .ssh import Remote
-
-    root = kit(recipe)
-    with tempfile.TemporaryDirectory(prefix="tvmbundle-rpc-") as tmp:
-        tarball = Path(tmp) / "kit.tar.gz"
-        with tarfile.open(tarball, "w:gz") as tar:
-            tar.add(root / "bin", arcname="bin")
-            tar.add(root / "lib", arcname="lib")
-        with Remote(target) as r:
-            d = r.sh("mktemp -d /tmp/tvmbundle-rpc.XXXXXX", "make a folder for the RPC server").out.strip()
-            pid = ""
-            try:
-                r.put(tarball, f"{d}/kit.tar.gz", "upload the RPC server")
-                n = str(threads or recipe.service.threads)
-                started = r.sh(
-                    f"cd {d} && tar xzf kit.tar.gz && rm kit.tar.gz && "
-                    f"(TVM_NUM_THREADS={n} nohup bin/{harness.BINARY} rpc --host 127.0.0.1 --port {remote_port} "
-                    f"--port-end {remote_port + 100} --key {key} > rpc.out 2> rpc.log < /dev/null & echo $!)",
-                    "start the RPC server").out.strip()
-                pid = started.splitlines()[-1]
-                port = 0
-                for _ in range(100):
-                    out = r.sh(f"cat {d}/rpc.out", "wait for the RPC server", check=False).out
-                    if out.startswith("listening"):
-                        port = int(out.split()[2].rpartition(":")[2])
-                        break
-                    time.sleep(0.1)
-                if not port:
-                    err = r.sh(f"cat {d}/rpc.log", "read the RPC server's log", check=False).out.strip()
-                    raise DeployError(target.name, "start the RPC server", err[-300:] or "it did not start")
-                with _tunnel(r, port) as local_port:
-                    yield Endpoint("127.0.0.1", local_port, key, where=f"{target.name} via SSH")
-            finally:
-                if pid.isdigit():
-                    r.sh(f"kill {pid}", "stop the RPC server", check=False)
-                r.sh(f"rm -rf {d}", "remove the RPC server", check=False)
-
-
-@contextlib.contextmanager
-def _tunnel(remote, remote_port: int) -> Iterator[int]:
-    """A local port on 127.0.0.1 forwarded through the SSH connection to the device's 127.0.0.1:PORT."""
-    transport = remote.conn.client.get_transport()
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.settimeout(0.5)
-    stop = threading.Event()
-
-    def pump(a, b) -> None:
-        try:
-            while True:
-                data = a.recv(65536)
-                if not data:
-                    break
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                b.close()
-            with contextlib.suppress(OSError):
-                a.close()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                client, addr = listener.accept()
-            except (socket.timeout, OSError):
-                continue
-            chan = transport.open_channel("direct-tcpip", ("127.0.0.1", remote_port), addr)
-            threading.Thread(target=pump, args=(client, chan), daemon=True).start()
-            threading.Thread(target=pump, args=(chan, client), daemon=True).start()
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        t.join(2)
-        listener.close()
-
-
 # --- MetaSchedule's builder and runner --------------------------------------------------------
+
+def cross_export(cxx: str, options: list[str], mod) -> str:
+    """MetaSchedule builder export for a foreign board: link the candidate into a shared library
+    with the board's compiler, since the board has no linker of its own."""
+    from tvm.support import cc
+
+    path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
+    mod.export_library(path, fcompile=cc.cross_compiler(cxx, options=options))
+    return path
+
+
+def cross_export_for(tc) -> Callable:
+    options = [f"--sysroot={tc.sysroot}"] if tc.sysroot else []
+    return functools.partial(cross_export, str(tc.cxx), [*options, *tc.ldflags])
+
 
 def _connect_direct(host: str, port: int, key: str, timeout: int, _config: Any):
     """MetaSchedule f_create_session for a server reached without a tracker."""
@@ -230,8 +153,6 @@ def measure_setup(recipe: Recipe, endpoint: Endpoint | None, *, timeout: int = 6
     """(builder, runner, description) for measuring candidates for ``recipe``: local when
     ``endpoint`` is None (a native board), else built with the board's compiler and run over RPC."""
     from tvm.s_tir import meta_schedule as ms
-
-    from .tuning import cross_export_for
 
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False)
     if endpoint is None:

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import bundle as bundle_mod
-from .errors import DeployError, UserError
-from .progress import Progress
-from .service import UNIT, render_unit
-from .ssh import Remote, Target
+from bundler.build.elf import version_key
+from bundler.config import cpu
+from bundler.device.ssh import Remote, Target
+from bundler.errors import DeployError, UserError
+from bundler.package import bundle as bundle_mod
+from bundler.package.service import UNIT, render_unit
+from bundler.progress import Progress
 
-_UNAME = {"aarch64": "aarch64", "arm64": "aarch64", "armv7l": "arm", "armv6l": "arm", "armv8l": "arm",
-          "riscv64": "riscv64", "x86_64": "x86_64", "amd64": "x86_64"}
 MARGIN = 1 << 20   # free space kept beyond what the upload needs
 
 Hook = Callable[[str, str], None]   # (event, detail): "step" name, "uploaded" file; tests use it to inject faults
@@ -240,11 +240,9 @@ def _preflight(r: Remote, target: Target, manifest: dict[str, Any], prefix: str,
     """Refuse, before anything is written, a device the bundle cannot run on or install into."""
     import re
 
-    from .elf import version_key
-
     board = manifest["board"]
     arch = facts.get("arch", "")
-    if _UNAME.get(arch, arch) != board["cpu_family"]:
+    if cpu.from_uname(arch) != board["cpu_family"]:
         raise DeployError(target.name, "preflight", f"the device is {arch}, the bundle is for "
                                                     f"{board['cpu_family']} ({board['name']}); nothing was sent")
     m = re.search(r"(\d+\.\d+)", facts.get("libc", ""))

@@ -15,15 +15,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from bundler.errors import UserError
 
 UNIT = "tvmbundle.service"
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def template_path() -> Path:
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "overlays" / "tvmbundle.service.in", here / "overlays" / "tvmbundle.service.in"):
+    package = Path(__file__).resolve().parents[1]
+    for cand in (package.parent / "overlays" / "tvmbundle.service.in", package / "overlays" / "tvmbundle.service.in"):
         if cand.is_file():
             return cand
     raise FileNotFoundError("tvmbundle.service.in is missing from this installation")

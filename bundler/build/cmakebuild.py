@@ -13,9 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import proc
-from .progress import Step
-from .toolchain import Toolchain, cmake, ninja
+from bundler import proc
+from bundler.build.toolchain import Toolchain, cmake, ninja
+from bundler.config import cpu
+from bundler.progress import Step
 
 OPTIMIZE = ("size", "speed")
 _STATUS = re.compile(r"^\[(\d+)/(\d+)\] (.*)$")
@@ -49,7 +50,7 @@ def flags_for(tc: Toolchain, cpu_family: str, optimize: str = "size") -> Flags:
     if cpu_family == "arm":
         cflags.append("-Wno-psabi")      # GCC's note on a 2017 ABI change, once per std::vector use
     # RISC-V has no native sub-word atomics: GCC calls libatomic, which is not linked by default.
-    libs = ("-latomic",) if cpu_family == "riscv64" else ()
+    libs = cpu.FAMILIES[cpu_family].extra_libs
     return Flags(build_type="MinSizeRel" if optimize == "size" else "Release", cflags=tuple(cflags),
                  ldflags=tuple(ldflags), ipo=optimize == "size", libs=libs)
 

@@ -19,10 +19,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cache, proc
-from .errors import UserError
-from .progress import Step
-from .recipe import Recipe
+from bundler import cache, proc
+from bundler.build import cmakebuild, elf, toolchain, tvmsource
+from bundler.config.recipe import Recipe
+from bundler.errors import UserError
+from bundler.progress import Step
 
 LIBS = {"apache-tvm": "tvm/lib/libtvm_runtime.so", "apache-tvm-ffi": "tvm_ffi/lib/libtvm_ffi.so"}
 
@@ -181,8 +182,6 @@ def config_cmake(recipe: Recipe) -> str:
 
 
 def _from_source(recipe: Recipe, source: str, allow: bool, step: Step | None) -> Runtime:
-    from . import cmakebuild, toolchain, tvmsource
-
     tree = tvmsource.locate(recipe, source, recipe.file_of("runtime.source"), step)
     matched = tvmsource.check_lock(tree, recipe, allow)
     tc = toolchain.resolve(recipe)
@@ -235,8 +234,6 @@ def _add_toolchain_libs(lib_dir: Path, tc, recipe: Recipe) -> None:
     """Bundle the compiler's own libraries the runtime needs beyond the board's base system
     (riscv64: libatomic.so.1, which GCC calls for sub-word atomics and Debian does not always
     install), taken from the cross toolchain that linked against them."""
-    from . import elf
-
     have = {p.name for p in lib_dir.iterdir()}
     for lib in sorted(lib_dir.iterdir()):
         for needed in elf.inspect(lib).needed:

@@ -9,11 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from . import cache, proc
-from .errors import ModelError, RecipeError
-from .onnxmodel import PreparedModel, TensorSpec
-from .recipe import Recipe, display_path
-from .toolchain import Toolchain
+from bundler import cache, proc
+from bundler.build.toolchain import Toolchain
+from bundler.compile.onnxmodel import PreparedModel, TensorSpec
+from bundler.compile.pipeline import board_target, pipeline
+from bundler.config.recipe import Recipe, display_path
+from bundler.errors import ModelError, RecipeError
 
 log = logging.getLogger("tvmbundle")
 
@@ -55,21 +56,19 @@ def compile_for_board(prepared: PreparedModel, model_id: str, source: Path, reci
                       versions: dict[str, str], database=None) -> CompiledModel:
     """``model_id`` is :func:`digest` of ``prepared``, computed once by the caller.
 
-    ``database`` (a :class:`bundler.tuning.Database`) supplies tuned schedules; kernels it lacks get
+    ``database`` (a :class:`bundler.compile.tuning.Database`) supplies tuned schedules; kernels it lacks get
     TVM's default CPU schedules. The target carries the board's thread count (num-cores)."""
-    from . import tuning
-
-    key = cache.key("model", model_id, tuning.board_target(recipe), versions, tc.identity(),
+    key = cache.key("model", model_id, board_target(recipe), versions, tc.identity(),
                     {"tuning": database.sha256 if database else None, "pipeline": 2})
 
     def build(tmp: Path) -> dict[str, Any]:
         tvm, _ = _tvm()
         mod = to_relax(prepared, source)
         target_for(recipe)  # names the recipe when TVM rejects its target
-        target = tvm.target.Target(tuning.board_target(recipe))
+        target = tvm.target.Target(board_target(recipe))
         try:
             ex = tvm.compile(mod, target=target,
-                             relax_pipeline=tuning.pipeline(target, database.path if database else None))
+                             relax_pipeline=pipeline(target, database.path if database else None))
         except Exception as e:
             raise ModelError(f"{source}: TVM failed to compile the model for {recipe.name}: "
                              f"{str(e).strip().splitlines()[-1]}") from None

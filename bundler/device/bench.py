@@ -32,11 +32,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import bundle as bundle_mod
-from . import proc
-from . import recipe as recipe_mod
-from .errors import DeployError, UserError
-from .ssh import Remote, Target
+from bundler import proc
+from bundler.config import cpu
+from bundler.config import recipe as recipe_mod
+from bundler.device.ssh import Remote, Target
+from bundler.errors import DeployError, UserError
+from bundler.package import bundle as bundle_mod
+from bundler.package.verifier import board_for, harness_argv
 
 MODES = ("native", "ssh", "emulated")
 DEFAULT_RUNS = 20
@@ -142,8 +144,6 @@ def bench(bundle: Path | str, *, target: Target | None = None, runs: int = DEFAU
             where = this_machine()
         elif emulate:
             mode = "emulated"
-            from .verifier import board_for, harness_argv
-
             facts = board_for(manifest, None)
             figures = _run_local(harness_argv(top, facts, *args), runs)
             where = f"this machine ({socket.gethostname()}, {here}) under {facts.qemu}"
@@ -173,8 +173,8 @@ def require_native(board: str | recipe_mod.Recipe) -> recipe_mod.Recipe:
     if r.machine.cpu_family != here:
         raise UserError(f"--bench: {r.name}'s CPU family is {r.machine.cpu_family} and this machine's is {here}; "
                         f"make --bench runs the benchmark here, so only for {here} boards",
-                        hint=f"make the bundle, then: tvmbundle bench dist/<bundle>.tar.gz --host USER@HOST "
-                             f"--model MODEL.onnx")
+                        hint="make the bundle, then: tvmbundle bench dist/<bundle>.tar.gz --host USER@HOST "
+                             "--model MODEL.onnx")
     return r
 
 
@@ -207,7 +207,6 @@ def _on_device(bundle: Path, top: Path, manifest: Mapping[str, Any], target: Tar
                runs: int, step_timeout: float) -> tuple[dict[str, Any], str, str]:
     """Run the bench on the device: its current release when that is this bundle, else an upload
     into a temporary folder that is removed afterwards.  Returns (figures, where, how)."""
-    from .release import _UNAME
 
     board = manifest["board"]
     prefix = (target.prefix or manifest.get("install", {}).get("prefix") or "/opt/tvmbundle").rstrip("/")
@@ -221,7 +220,7 @@ def _on_device(bundle: Path, top: Path, manifest: Mapping[str, Any], target: Tar
             f'echo "arch=$(uname -m)"; echo "current=$(readlink {q(prefix + "/current")} 2>/dev/null)"',
             "preflight").out.splitlines())
         arch = facts.get("arch", "").strip()
-        if _UNAME.get(arch, arch) != board["cpu_family"]:
+        if cpu.from_uname(arch) != board["cpu_family"]:
             raise DeployError(target.name, "preflight", f"the device is {arch}, the bundle is for "
                                                         f"{board['cpu_family']} ({board['name']}); nothing was run")
         where = f"{target.name} ({arch})"

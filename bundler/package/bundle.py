@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import cache
-from .errors import UserError
+from bundler import cache
+from bundler.errors import UserError
+from bundler.package import archive
+from bundler.package.service import UNIT, render_unit
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -115,8 +117,6 @@ def write_overlay(release: Path, manifest: Mapping[str, Any], tree: Path) -> Non
     layout `tvmbundle deploy` keeps on a device, so a later deploy takes over an imaged
     board), and the unit is enabled by its multi-user.target.wants link, without systemctl.
     """
-    from .service import UNIT, render_unit
-
     prefix = manifest["install"]["prefix"].strip("/")
     rel_dir = tree / prefix / "releases" / manifest["bundle_id"]
     shutil.copytree(release, rel_dir, symlinks=True)
@@ -145,14 +145,16 @@ def extract(bundle: Path, dest: Path) -> Path:
     """Safely unpack a bundle tarball into ``dest``; returns its top folder."""
     if not bundle.is_file():
         raise UserError(f"bundle not found: {bundle}")
+    tops: set[str] = set()
+
+    def one_top(names: list[str]) -> None:
+        tops.update(n.split("/", 1)[0] for n in names)
+        if len(tops) != 1:
+            raise UserError(f"{bundle}: not a tvmbundle bundle: expected one top folder, found "
+                            f"{len(tops)} ({', '.join(sorted(tops)[:5])})")
+
     try:
-        with tarfile.open(bundle, "r:*") as tar:
-            names = tar.getnames()
-            tops = {n.split("/", 1)[0] for n in names}
-            if len(tops) != 1:
-                raise UserError(f"{bundle}: not a tvmbundle bundle: expected one top folder, found "
-                                f"{len(tops)} ({', '.join(sorted(tops)[:5])})")
-            tar.extractall(dest, filter="data")
+        archive.extract(bundle, dest, check=one_top)
     except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as e:
         if isinstance(e, UserError):
             raise

@@ -21,16 +21,10 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
-from .errors import RecipeError, UserError, did_you_mean, one_of
+from bundler.config import cpu
+from bundler.errors import RecipeError, UserError, did_you_mean, one_of
 
 FORMAT = 1
-CPU_FAMILIES = {
-    # cpu_family: (ELF machine, bits, qemu-user binary, default wheel platform or None)
-    "aarch64": ("aarch64", 64, "qemu-aarch64", "manylinux_2_28_aarch64"),
-    "x86_64": ("x86_64", 64, "qemu-x86_64", "manylinux_2_28_x86_64"),
-    "arm": ("arm", 32, "qemu-arm", None),
-    "riscv64": ("riscv64", 64, "qemu-riscv64", None),
-}
 # Libraries every glibc-based board has; a NEEDED entry outside the bundle must be one of these.
 BASE_LIBS = (
     "libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "librt.so.1",
@@ -172,16 +166,16 @@ def _is_foreign(values: Mapping[str, Any]) -> bool:
 
 
 def _default_platform(values: Mapping[str, Any]) -> str | None:
-    return CPU_FAMILIES[values["host_machine.cpu_family"]][3]
+    return cpu.FAMILIES[values["host_machine.cpu_family"]].wheel_platform
 
 
 def _default_runtime_source(values: Mapping[str, Any]) -> str:
     # PyPI's wheels where they exist (fast, official); TVM's sources for every other CPU.
-    return "wheel" if CPU_FAMILIES[values["host_machine.cpu_family"]][3] else "git"
+    return "wheel" if cpu.FAMILIES[values["host_machine.cpu_family"]].wheel_platform else "git"
 
 
 def _default_qemu(values: Mapping[str, Any]) -> str:
-    return CPU_FAMILIES[values["host_machine.cpu_family"]][2] if _is_foreign(values) else ""
+    return cpu.FAMILIES[values["host_machine.cpu_family"]].qemu if _is_foreign(values) else ""
 
 
 SCHEMA: dict[str, Field] = {
@@ -192,7 +186,7 @@ SCHEMA: dict[str, Field] = {
     "board.url": Field(is_str, "where to read about the board", default=""),
     "board.os": Field(is_str, "the operating system the glibc floor refers to", default=""),
     "host_machine.system": Field(is_choice("linux"), "the board's kernel", default="linux"),
-    "host_machine.cpu_family": Field(is_choice(*CPU_FAMILIES), "CPU family", required=True),
+    "host_machine.cpu_family": Field(is_choice(*cpu.FAMILIES), "CPU family", required=True),
     "host_machine.cpu": Field(is_nonempty_str, "CPU model, e.g. cortex-a72", required=True),
     "host_machine.triple": Field(is_nonempty_str, "GNU target triple", required=True),
     "host_machine.glibc": Field(is_version, "oldest glibc of the board's OS", required=True),
@@ -285,11 +279,11 @@ class Machine:
 
     @property
     def elf_machine(self) -> str:
-        return CPU_FAMILIES[self.cpu_family][0]
+        return cpu.FAMILIES[self.cpu_family].elf_machine
 
     @property
     def bits(self) -> int:
-        return CPU_FAMILIES[self.cpu_family][1]
+        return cpu.FAMILIES[self.cpu_family].bits
 
 
 @dataclass(frozen=True)
@@ -389,11 +383,11 @@ def search_path() -> list[Path]:
 
 def shipped_recipes_dir() -> Path:
     """The recipes that come with tvmbundle (``recipes/`` of the source tree, or package data)."""
-    here = Path(__file__).resolve().parent
-    source_tree = here.parent / "recipes"
+    package = Path(__file__).resolve().parents[1]
+    source_tree = package.parent / "recipes"
     if source_tree.is_dir():
         return source_tree
-    return here / "recipes"
+    return package / "recipes"
 
 
 def find(name_or_path: str, *, near: Path | None = None) -> Path:

@@ -16,9 +16,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cache, proc
-from .errors import RecipeError, UserError
-from .recipe import Recipe
+from bundler import cache, proc
+from bundler.config.recipe import Recipe
+from bundler.errors import RecipeError, UserError
 
 FFI = "3rdparty/tvm-ffi"
 # What a runtime build reads: the content hash of a tree that is not a clean git checkout.

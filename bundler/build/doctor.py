@@ -7,9 +7,10 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import proc, toolchain
-from .errors import UserError
-from .recipe import Recipe
+from bundler import proc
+from bundler.build import toolchain, tvmsource
+from bundler.config.recipe import Recipe
+from bundler.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,6 @@ def examine(r: Recipe) -> list[Finding]:
         out.append(Finding("git (runtime.source = 'git')", p is not None, str(p) if p else "not found",
                            "" if p else "apt-get install git"))
     elif r.runtime.source != "wheel":
-        from . import tvmsource
-
         problem = tvmsource.not_a_tree(Path(r.runtime.source).expanduser())
         out.append(Finding(f"TVM tree {r.runtime.source}", problem is None, problem or "present"))
     for name, fn in (("cmake", toolchain.cmake), ("ninja", toolchain.ninja)):

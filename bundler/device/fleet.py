@@ -27,11 +27,11 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
-from . import bundle as bundle_mod
-from . import release
-from .errors import DeployError, RecipeError, UserError, did_you_mean
-from .recipe import display_path
-from .ssh import Remote, Target
+from bundler.config.recipe import display_path
+from bundler.device import release
+from bundler.device.ssh import Remote, Target
+from bundler.errors import DeployError, RecipeError, UserError, did_you_mean
+from bundler.package import bundle as bundle_mod
 
 HOST_KEYS = ("address", "user", "port", "board", "groups", "prefix")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

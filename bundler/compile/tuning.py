@@ -16,7 +16,6 @@ Where candidates run: natively on this machine when the board is this machine's 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -28,69 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import cache
-from .errors import ModelError, UserError
-from .recipe import Recipe
+from bundler import cache
+from bundler.compile.model import to_relax
+from bundler.compile.pipeline import board_target, lower_for_tuning
+from bundler.config.recipe import Recipe
+from bundler.errors import ModelError, UserError
 
 log = logging.getLogger("tvmbundle")
 
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
 META = "tuning.json"
-
-
-# --- the board's target and the compile pipeline ----------------------------------------------
-
-def board_target(recipe: Recipe) -> dict[str, Any]:
-    """The recipe's target with ``num-cores`` set to the threads the bundle runs with.
-
-    MetaSchedule reads num-cores to size parallel loops (it refuses a CPU target without it),
-    and kernels tuned for N threads are what the harness runs with ``--threads N``.
-    """
-    t = recipe.target_dict()
-    t.setdefault("num-cores", recipe.service.threads)
-    return t
-
-
-def _pre_tuning_passes():
-    """Relax passes up to the fused kernels: what tasks are extracted from and what the database
-    is applied to. Tuning and compiling must run exactly these, or no workload would match."""
-    from tvm import relax
-
-    t = relax.transform
-    return [t.DecomposeOpsForInference(), t.CanonicalizeBindings(), relax.backend.DispatchSampling(),
-            relax.backend.DispatchSortScan(), t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant(),
-            t.FuseOps(), t.FuseTIR()]
-
-
-def lower_for_tuning(mod, target):
-    """The model's IRModule with its fused kernels, ready for task extraction."""
-    import tvm
-
-    with target:
-        return tvm.transform.Sequential(_pre_tuning_passes())(mod)
-
-
-def pipeline(target, database: Path | None = None):
-    """The Relax pipeline `make` compiles with: the default CPU pipeline, plus the tuned
-    schedules of ``database`` where it has them, plus TVM's default CPU schedules (dlight's
-    GEMV and reduction rules) for kernels it does not."""
-    import tvm
-    from tvm import relax
-    from tvm.relax.backend.cpu_generic import pipeline as relax_pipeline
-    from tvm.s_tir import dlight as dl
-
-    @tvm.transform.module_pass(opt_level=0, name="tvmbundle_pipeline")
-    def _pipeline(mod, _ctx):
-        with target:
-            passes = list(_pre_tuning_passes())
-            if database is not None:
-                passes.append(relax.transform.MetaScheduleApplyDatabase(str(database)))
-            passes.append(dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction()))
-            passes += relax_pipeline.dataflow_lower_passes(target) + relax_pipeline.finalize_passes(target)
-            return tvm.transform.Sequential(passes)(mod)
-
-    return _pipeline
 
 
 # --- the database -----------------------------------------------------------------------------
@@ -180,8 +127,6 @@ def tune(recipe: Recipe, prepared, model_id: str, source: Path, versions: dict[s
     """
     import tvm
     from tvm.s_tir import meta_schedule as ms
-
-    from .model import to_relax
 
     target_dict = board_target(recipe)
     target = tvm.target.Target(target_dict)
@@ -320,8 +265,8 @@ def _write_meta(path: Path, model_id: str, target: dict[str, Any], versions: dic
 def _stop_callback(on_batch: Callable[[int], bool]):
     """A measure callback that reports each measured batch and ends every task once
     ``on_batch`` says so (the time limit)."""
-    from tvm.s_tir import meta_schedule as ms
     from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
 
     @derived_object
     class _Stop(ms.measure_callback.PyMeasureCallback):
@@ -352,84 +297,3 @@ def parse_duration(text: str) -> float:
         return float(t)
     except ValueError:
         raise UserError(f"--time-limit: expected seconds or a duration like 90s, 15m, 2h; got {text!r}") from None
-
-
-def cross_export(cxx: str, options: list[str], mod) -> str:
-    """MetaSchedule builder export for a foreign board: link the candidate into a shared library
-    with the board's compiler, since the board has no linker of its own."""
-    from tvm.support import cc
-
-    path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
-    mod.export_library(path, fcompile=cc.cross_compiler(cxx, options=options))
-    return path
-
-
-def cross_export_for(tc) -> Callable:
-    options = [f"--sysroot={tc.sysroot}"] if tc.sysroot else []
-    return functools.partial(cross_export, str(tc.cxx), [*options, *tc.ldflags])
-
-
-# --- the command ------------------------------------------------------------------------------
-
-def run(board, model: Path | str, *, input_shapes=None, trials: int | None = None, time_limit: float | None = None,
-        host: str | None = None, rpc_addr: str | None = None, tracker: str | None = None, key: str | None = None,
-        emulate: bool = False, ssh_options: dict[str, Any] | None = None, progress=None) -> TuneResult:
-    """`tvmbundle tune`: prepare the model as `make` does, then tune it for the board, measuring
-    locally (native board), on a device over SSH (``host``), on a running server (``rpc_addr``),
-    through a tracker (``tracker``/``key``) or under qemu-user here (``emulate``)."""
-    import contextlib
-
-    from . import api, onnxmodel, rpc, runtime
-    from . import model as model_mod
-    from .progress import Progress
-
-    progress = progress or Progress(quiet=True)
-    r = api.load_recipe(board)
-    model = Path(model)
-    trials = trials if trials is not None else r.values.get("tune.trials", 64)
-    time_limit = time_limit if time_limit is not None else r.values.get("tune.time_limit", 0)
-    if sum(bool(x) for x in (host, rpc_addr, tracker, emulate)) > 1:
-        raise UserError("give only one of --host, --rpc, --tracker and --emulate")
-    if trials < 1:
-        raise UserError(f"--trials: expected a positive number, got {trials}")
-    shapes = {k: tuple(v) for k, v in r.model.input_shapes}
-    shapes.update({k: tuple(v) for k, v in (input_shapes or {}).items()})
-    versions = runtime.compiler_versions()
-    with progress.step(f"prepare {model.name}") as s:
-        prepared = onnxmodel.prepare(model, shapes or None)
-        onnxmodel.check_supported(prepared.model, model)
-        model_id = model_mod.digest(prepared)
-        s.done()
-    key = key or rpc.DEFAULT_KEY
-    with contextlib.ExitStack() as stack:
-        endpoint = None
-        if emulate:
-            with progress.step(f"start the {r.name} RPC server under {r.qemu or 'this machine'}") as s:
-                endpoint = stack.enter_context(rpc.local_server(r, key=key))
-                s.done(detail=endpoint.describe())
-        elif host:
-            from .ssh import Target
-
-            with progress.step(f"start the RPC server on {host}") as s:
-                endpoint = stack.enter_context(rpc.ssh_server(r, Target.parse(host, **(ssh_options or {})), key=key))
-                s.done(detail=endpoint.describe())
-        elif rpc_addr:
-            h, p = rpc.parse_hostport("--rpc", rpc_addr)
-            endpoint = rpc.Endpoint(h, p, key)
-        elif tracker:
-            h, p = rpc.parse_hostport("--tracker", tracker)
-            endpoint = rpc.Endpoint(h, p, key, tracker=True)
-        builder, runner, where = rpc.measure_setup(r, endpoint)
-        if endpoint is None:
-            os.environ.setdefault("TVM_NUM_THREADS", str(r.service.threads))
-        limit = f", at most {time_limit:g} s" if time_limit else ""
-        with progress.step(f"tune {model.name} for {r.name}: {trials} trials{limit}, measured {where}") as s:
-            def report(done: int, total: int) -> None:
-                s.update(f"measured {done}/{total}", min(1.0, done / total))
-            result = tune(r, prepared, model_id, model, versions, trials=trials, timeout=time_limit or 0,
-                          runner=runner, builder=builder, runner_name=where, on_progress=report)
-            db = result.database
-            s.done(detail=f"{result.measured} new, {result.previously} before ({result.stopped}); "
-                          f"{db.records if db else 0} records for {db.workloads if db else 0} of "
-                          f"{result.tasks} kernels")
-    return result

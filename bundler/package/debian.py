@@ -20,10 +20,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import proc
-from .service import UNIT, render_unit
-
-ARCH = {"aarch64": "arm64", "arm": "armhf", "riscv64": "riscv64", "x86_64": "amd64"}
+from bundler import proc
+from bundler.config import cpu
+from bundler.package.service import UNIT, render_unit
 
 POSTINST = """#!/bin/sh
 # Enable the service the way deb-systemd-helper would, so it also works in an image build.
@@ -80,7 +79,7 @@ def build_deb(release: Path, manifest: Mapping[str, Any], out_dir: Path, epoch: 
     board = manifest["board"]
     prefix = manifest["install"]["prefix"].rstrip("/")
     name, version = package_name(manifest), package_version(manifest, epoch)
-    arch = ARCH[board["cpu_family"]]
+    arch = cpu.FAMILIES[board["cpu_family"]].debian_arch
     root = work / "deb"
     rel_dir = root / prefix.strip("/") / "releases" / manifest["bundle_id"]
     shutil.copytree(release, rel_dir, symlinks=True)

@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
-from .errors import ModelError, UserError, did_you_mean
+from bundler.errors import ModelError, UserError, did_you_mean
 
 #: A folded result with more elements than this stays a computation in the graph, unless it
 #: is no larger (in bytes) than the constant inputs it replaces.

@@ -16,10 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import bundle as bundle_mod
-from . import cache, elf, proc, recipe as recipe_mod
-from .errors import UserError, VerifyError
-from .progress import Progress
+from bundler import cache, proc
+from bundler.build import elf
+from bundler.build.toolchain import read_yocto_sdk
+from bundler.config import cpu
+from bundler.config import recipe as recipe_mod
+from bundler.errors import UserError, VerifyError
+from bundler.package import bundle as bundle_mod
+from bundler.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,6 @@ class BoardFacts:
         ld_prefix = r.ld_prefix
         if r.toolchain.yocto_sdk and r.qemu and r.origins.get("verify.ld_prefix") == "derived":
             # The SDK's target sysroot holds the board's own loader and libraries: run against those.
-            from .toolchain import read_yocto_sdk
-
             sdk = read_yocto_sdk(r.toolchain.yocto_sdk, r.file_of("toolchain.yocto_sdk"))
             ld_prefix = str(sdk.sysroot or ld_prefix)
         return cls(r.name, r.machine.elf_machine, r.machine.bits, r.machine.float_abi, r.machine.glibc,
@@ -85,7 +87,8 @@ def board_for(manifest: Mapping[str, Any], board: str | recipe_mod.Recipe | None
     # The bundle's own record of its board: enough for every check; qemu and sysroot by convention.
     b = manifest["board"]
     fam = b["cpu_family"]
-    mach, bits, qemu, _ = recipe_mod.CPU_FAMILIES[fam]
+    f = cpu.FAMILIES[fam]
+    mach, bits, qemu = f.elf_machine, f.bits, f.qemu
     native = fam == recipe_mod.host_cpu_family()
     return BoardFacts(b["name"], mach, bits, b.get("float_abi"), b["glibc"], b.get("glibcxx"),
                       tuple(b.get("base_libs", recipe_mod.BASE_LIBS)), "" if native else qemu,

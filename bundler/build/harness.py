@@ -7,9 +7,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cache, proc
-from .runtime import Runtime
-from .toolchain import Toolchain, cmake, ninja
+from bundler import cache, proc
+from bundler.build.runtime import Runtime
+from bundler.build.toolchain import Toolchain, cmake, ninja
 
 SOURCE_DIR = Path(__file__).resolve().parent / "harness_src"
 BINARY = "tvm-deploy"

@@ -23,7 +23,7 @@ from pathlib import Path
 import paramiko
 from fabric import Connection
 
-from .errors import DeployError, UserError
+from bundler.errors import DeployError, UserError
 
 _SPEC = re.compile(r"^(?:(?P<user>[A-Za-z0-9._-]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(?P<port>\d+))?$")
 

@@ -8,12 +8,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import proc
-from .errors import RecipeError, ToolMissing
-from .recipe import Recipe
+from bundler import proc
+from bundler.config import cpu
+from bundler.config.recipe import Recipe
+from bundler.errors import RecipeError, ToolMissing
 
 # CMAKE_SYSTEM_PROCESSOR per cpu_family, as CMake and TVM's own build lists expect it.
-_CMAKE_PROCESSOR = {"aarch64": "aarch64", "arm": "armv7-a", "riscv64": "riscv64", "x86_64": "x86_64"}
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def _identify(recipe: Recipe, file: str, cc: Path, cxx: Path, strip: Path | None
                           f"{str(cxx)!r} targets {machine}, but the board is {recipe.machine.triple}")
     return Toolchain(cc=cc, cxx=cxx, strip=strip, sysroot=sysroot, machine=machine,
                      version=version, cflags=tuple(cflags), ldflags=tuple(ldflags),
-                     processor=_CMAKE_PROCESSOR[recipe.machine.cpu_family])
+                     processor=cpu.FAMILIES[recipe.machine.cpu_family].cmake_processor)
 
 
 def _same_arch(a: str, b: str) -> bool:

@@ -1,0 +1,34 @@
+"""`tvmbundle status --host USER@HOST`: a device's releases, service and health."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.table import Table
+
+from bundler.commands import common
+from bundler.errors import EXIT_OK
+
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser("status", help="a device's current and kept releases, service state and health")
+    common.connection_options(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bundler.device import release
+
+    st = release.status(common.ssh_target(args), prefix=args.prefix)
+    if args.json:
+        print(json.dumps(st.__dict__, indent=2))
+        return EXIT_OK
+    out = common.out()
+    out.print(f"{st.host}  prefix {st.prefix}  service {st.service}  {'healthy' if st.healthy else 'NOT healthy'}")
+    table = Table("", "release", "name", "board", "created", box=None, pad_edge=False)
+    for r in st.releases:
+        table.add_row("*" if r["current"] else "", r["id"][:12], r["name"], r["board"], r["created"])
+    out.print(table if st.releases else "no releases installed")
+    return EXIT_OK

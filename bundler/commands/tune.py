@@ -1,0 +1,65 @@
+"""`tvmbundle tune BOARD --model M.onnx`: MetaSchedule over the model's kernels, here or on the board."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bundler.errors import EXIT_INTERRUPT, EXIT_OK
+from bundler.progress import Progress
+
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser("tune", help="tune a model's kernels for a board (MetaSchedule), here or on the board over RPC")
+    s.add_argument("board")
+    s.add_argument("--model", required=True, help="the ONNX model")
+    s.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...")
+    s.add_argument("--trials", type=int, help="candidates to measure in all, counting earlier runs "
+                                              "(default: the recipe's tune.trials, 64)")
+    s.add_argument("--time-limit", metavar="DURATION", help="stop after this long: 90s, 15m, 2h "
+                                                             "(default: the recipe's tune.time_limit, none)")
+    where = s.add_argument_group("where candidates run (default: here, for the build machine's architecture)")
+    where.add_argument("--host", metavar="USER@HOST[:PORT]",
+                       help="a device: tvmbundle starts `tvm-deploy rpc` there over SSH and stops it afterwards")
+    where.add_argument("--rpc", metavar="HOST:PORT", help="a running `tvm-deploy rpc` (or TVM RPC) server")
+    where.add_argument("--tracker", metavar="HOST:PORT", help="a TVM RPC tracker; servers register under --key")
+    where.add_argument("--key", help="the RPC key (default: tvmbundle)")
+    where.add_argument("--emulate", action="store_true",
+                       help="run the board's RPC server here under qemu-user (checks the flow; timings mean nothing)")
+    s.add_argument("--identity", metavar="KEY_FILE")
+    s.add_argument("--known-hosts", metavar="FILE")
+    s.add_argument("--accept-new-host-key", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bundler import api
+    from bundler.compile import onnxmodel, tuning
+
+    shapes = dict(onnxmodel.parse_input_shape(s) for s in args.input_shape or [])
+    progress = Progress(quiet=args.quiet)
+    ssh = {"identity": Path(args.identity) if args.identity else None,
+           "known_hosts": Path(args.known_hosts) if args.known_hosts else None,
+           "accept_new_host_key": args.accept_new_host_key}
+    try:
+        result = api.tune(args.board, Path(args.model), input_shapes=shapes, trials=args.trials,
+                         time_limit=tuning.parse_duration(args.time_limit) if args.time_limit else None,
+                         host=args.host, rpc_addr=args.rpc, tracker=args.tracker, key=args.key,
+                         emulate=args.emulate, ssh_options=ssh, progress=progress)
+    except KeyboardInterrupt:
+        print("tvmbundle: interrupted; what was measured is kept: run the same command again to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPT
+    db = result.database
+    if args.json:
+        print(json.dumps({"database": str(db.path) if db else None, "records": db.records if db else 0,
+                          "workloads": db.workloads if db else 0, "tasks": result.tasks,
+                          "measured": result.measured, "previously": result.previously,
+                          "seconds": round(result.seconds, 1), "stopped": result.stopped}, indent=2))
+    else:
+        print(db.path if db else "no tuning records")
+    return EXIT_OK

@@ -1,0 +1,65 @@
+"""The Relax pipeline that compiles a model for a board, and the part of it tuning shares.
+
+Tuning and compiling must lower a model through exactly the same passes up to the fused
+kernels, or no tuned workload would match at compile time: :func:`lower_for_tuning` and
+:func:`pipeline` share :func:`_pre_tuning_passes` for that reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bundler.config.recipe import Recipe
+
+
+def board_target(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's target with ``num-cores`` set to the threads the bundle runs with.
+
+    MetaSchedule reads num-cores to size parallel loops (it refuses a CPU target without it),
+    and kernels tuned for N threads are what the harness runs with ``--threads N``.
+    """
+    t = recipe.target_dict()
+    t.setdefault("num-cores", recipe.service.threads)
+    return t
+
+
+def _pre_tuning_passes():
+    """Relax passes up to the fused kernels: what tasks are extracted from and what the database
+    is applied to. Tuning and compiling must run exactly these, or no workload would match."""
+    from tvm import relax
+
+    t = relax.transform
+    return [t.DecomposeOpsForInference(), t.CanonicalizeBindings(), relax.backend.DispatchSampling(),
+            relax.backend.DispatchSortScan(), t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant(),
+            t.FuseOps(), t.FuseTIR()]
+
+
+def lower_for_tuning(mod, target):
+    """The model's IRModule with its fused kernels, ready for task extraction."""
+    import tvm
+
+    with target:
+        return tvm.transform.Sequential(_pre_tuning_passes())(mod)
+
+
+def pipeline(target, database: Path | None = None):
+    """The Relax pipeline `make` compiles with: the default CPU pipeline, plus the tuned
+    schedules of ``database`` where it has them, plus TVM's default CPU schedules (dlight's
+    GEMV and reduction rules) for kernels it does not."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as relax_pipeline
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0, name="tvmbundle_pipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            passes = list(_pre_tuning_passes())
+            if database is not None:
+                passes.append(relax.transform.MetaScheduleApplyDatabase(str(database)))
+            passes.append(dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction()))
+            passes += relax_pipeline.dataflow_lower_passes(target) + relax_pipeline.finalize_passes(target)
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
