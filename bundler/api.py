@@ -22,6 +22,7 @@ from bundler.config import recipe as recipe_mod
 from bundler.errors import UserError, one_of
 from bundler.package import bundle as bundle_mod
 from bundler.package.debian import build_deb
+from bundler.package.manifest import FORMAT, MANIFEST, Manifest
 from bundler.package.verifier import Report, verify
 from bundler.progress import Progress, StepRecord
 
@@ -30,7 +31,7 @@ from bundler.progress import Progress, StepRecord
 class MakeResult:
     bundle: Path
     bundle_id: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     steps: list[StepRecord] = field(default_factory=list)
     verified: Report | None = None
     overlay: Path | None = None      # --format overlay: the overlay tarball (its tree beside it); deb: the .deb
@@ -49,15 +50,20 @@ def load_recipe(board: str | recipe_mod.Recipe) -> recipe_mod.Recipe:
 
 
 def bundle_name(model_path: Path) -> str:
-    stem = model_path.name.split(".")[0] or "model"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-") or "model"
+    """The model file's name without a final ``.onnx``: ``mobile_v2.0_cls.onnx`` and
+    ``mobile_v2.0_rec.onnx`` must not get the same bundle name. Characters a unit name or a
+    path on the device could misread become ``-``."""
+    name = model_path.name
+    stem = name[: -len(".onnx")] if name.lower().endswith(".onnx") else name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.") or "model"
 
 
 def make(board: str | recipe_mod.Recipe, model: Path | str, *,
          input_shapes: Mapping[str, Sequence[int]] | None = None,
          out_dir: Path | str = "dist", fmt: str = "tar", run_verify: bool = True,
          progress: Progress | None = None, runtime_source: str | None = None,
-         allow_runtime_mismatch: bool | None = None, tuned: bool | Path | str = True) -> MakeResult:
+         allow_runtime_mismatch: bool | None = None, tuned: bool | Path | str = True,
+         reverify: bool = False) -> MakeResult:
     """Build a verified bundle of ``model`` for ``board``; returns where it was written.
 
     ``tuned``: True applies the database `tvmbundle tune` wrote for this model, board target and
@@ -65,6 +71,9 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
 
     ``runtime_source`` overrides the recipe's runtime.source ("wheel", "git" or a TVM tree's path);
     ``allow_runtime_mismatch`` its runtime.allow_version_mismatch.
+
+    A bundle verified before for this board (same bytes, qemu and sysroot) is not verified
+    again unless ``reverify``.
     """
     progress = progress or Progress(quiet=True)
     if fmt not in bundle_mod.FORMATS:
@@ -115,12 +124,11 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
     with progress.step("package the bundle") as s, tempfile.TemporaryDirectory(prefix="tvmbundle-") as tmp:
         staging = Path(tmp) / "stage"
         files = bundle_mod.stage(staging, parts)
-        manifest = _manifest(r, name, model, prepared, versions, rt, vectors, epoch)
-        manifest["target"] = board_target(r)
-        manifest["tuning"] = db.manifest() if db else None
-        bid = bundle_mod.bundle_id(files, manifest)
-        manifest = {"format": bundle_mod.FORMAT, "bundle_id": bid, **manifest,
-                    "files": [f.to_json() for f in files]}
+        identity = _manifest(r, name, model, prepared, versions, rt, vectors, epoch)
+        identity["tuning"] = db.manifest() if db else None
+        bid = bundle_mod.bundle_id(files, identity)
+        manifest = Manifest.from_json({"format": FORMAT, "bundle_id": bid, **identity,
+                                       "files": [f.to_json() for f in files]}, f"{name}: {MANIFEST}")
         bundle_mod.write_manifest(staging, manifest)
         top = f"{name}-{r.name}-{bid[:8]}"
         tar_key = cache.key("bundle", bid, epoch, fmt)
@@ -141,7 +149,7 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
 
     report = None
     if run_verify:
-        report = verify(out, board=r, progress=progress)
+        report = verify(out, board=r, progress=progress, reverify=reverify)
     return MakeResult(out, bid, manifest, list(progress.steps), report, overlay)
 
 
@@ -167,7 +175,7 @@ def _publish(src: Path, out_dir: Path) -> Path:
     return out
 
 
-def _publish_overlay(release: Path, manifest: dict[str, Any], tree: Path, epoch: int) -> Path:
+def _publish_overlay(release: Path, manifest: Manifest, tree: Path, epoch: int) -> Path:
     """The overlay tree ``tree`` and its tarball ``tree``.tar.gz (replacing older ones of that name)."""
     tmp_tree = tree.with_name(f".{tree.name}.tmp")
     shutil.rmtree(tmp_tree, ignore_errors=True)
@@ -196,7 +204,7 @@ def _manifest(r: recipe_mod.Recipe, name: str, model: Path, prepared: onnxmodel.
                   "cpu": r.machine.cpu, "triple": r.machine.triple, "glibc": r.machine.glibc,
                   "glibcxx": r.machine.glibcxx, "float_abi": r.machine.float_abi,
                   "base_libs": list(r.machine.base_libs)},
-        "target": r.target_dict(),
+        "target": board_target(r),
         "compiler": dict(versions),
         "runtime": rt.manifest(),
         "model": {"file": "model/model.so", "source": model.name, "source_sha256": prepared.source_sha256,

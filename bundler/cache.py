@@ -67,6 +67,15 @@ class Entry:
     meta: dict[str, Any]
 
 
+def lookup(kind: str, key_: str) -> Entry | None:
+    """The entry for (kind, key) if it is complete, without building it."""
+    final = root() / kind / key_
+    done = final / _DONE
+    if done.is_file():
+        return Entry(kind, key_, final, True, json.loads(done.read_text()))
+    return None
+
+
 def get(kind: str, key_: str, build: Callable[[Path], dict[str, Any] | None]) -> Entry:
     """The entry for (kind, key), calling ``build(tmpdir)`` to fill it on a miss.
 

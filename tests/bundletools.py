@@ -32,3 +32,27 @@ def perturb_expected(top: Path, index: int = 0, at: int = 0, by: float = 1.0) ->
     a = np.load(p)
     a.flat[at] += by
     np.save(p, a)
+
+
+def manifest_data(name: str = "net", **sections) -> dict:
+    """A complete, valid manifest (format 1) of a made-up bundle, with ``sections`` replaced."""
+    sha = "ab" * 32
+    data = {
+        "format": 1, "bundle_id": "cd" * 32, "name": name, "created": "1980-01-01T00:00:00Z",
+        "board": {"name": "rpi4", "title": "Raspberry Pi 4 Model B", "cpu_family": "aarch64",
+                  "cpu": "cortex-a72", "triple": "aarch64-linux-gnu", "glibc": "2.36"},
+        "target": {"kind": "llvm"}, "compiler": {"apache-tvm": "0.27.0"}, "runtime": {"origin": "wheel"},
+        "model": {"file": "model/model.so", "source": f"{name}.onnx", "source_sha256": sha,
+                  "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 3]}],
+                  "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 3]}]},
+        "selftest": {"inputs": ["selftest/input_0.npy"], "expected": ["selftest/expected_0.npy"],
+                     "rtol": 1e-3, "atol": 1e-4, "seed": 0, "reference": "test"},
+        "install": {"prefix": "/opt/tvmbundle"},
+        "service": {"listen": "127.0.0.1:8470", "threads": 4, "user": "tvmbundle", "environment": {}},
+        "files": [{"path": p, "sha256": sha, "size": 1, "mode": m} for p, m in (
+            ("bin/tvm-deploy", "0755"), ("model/model.so", "0755"), ("selftest/input_0.npy", "0644"),
+            ("selftest/expected_0.npy", "0644"))],
+    }
+    for key, value in sections.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
+    return data

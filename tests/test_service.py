@@ -16,6 +16,7 @@ import pytest
 from bundler.config import recipe
 from bundler.errors import UserError
 from bundler.package.service import UNIT, is_loopback, render_unit
+from tests.bundletools import manifest_data
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                 reason="needs systemd-analyze (apt-get install systemd)")
@@ -28,7 +29,7 @@ def manifest_for(board: str, **service) -> dict:
     svc = {"listen": r.service.listen, "threads": r.service.threads, "user": r.service.user,
            "environment": dict(r.service.environment)}
     svc.update(service)
-    return {"name": "net", "bundle_id": "ab" * 32, "install": {"prefix": r.install_prefix}, "service": svc}
+    return manifest_data("net", install={"prefix": r.install_prefix}, service=svc)
 
 
 def unit_root(tmp_path: Path, text: str, prefix: str = "/opt/tvmbundle") -> Path:
@@ -98,6 +99,21 @@ def test_recipe_settings_reach_the_unit(tmp_path):
 def test_bad_environment_name_is_refused():
     with pytest.raises(UserError, match="service.environment: 'BAD-NAME' is not allowed"):
         render_unit(manifest_for("rpi4", environment={"BAD-NAME": "x"}))
+
+
+@pytest.mark.parametrize("service, problem", [
+    ({"environment": {"MODE": "fast\nExecStartPre=/bin/touch /tmp/pwned"}}, "control characters"),
+    ({"user": "tvm\nExecStartPre=/bin/sh"}, "expected a user name"),
+    ({"listen": "127.0.0.1:8470 --threads 99"}, "expected HOST:PORT"),
+])
+def test_values_that_would_add_unit_lines_are_refused(service, problem):
+    with pytest.raises(UserError, match=problem):
+        render_unit(manifest_for("rpi4", **service))
+
+
+def test_a_prefix_with_a_space_is_refused():
+    with pytest.raises(UserError, match="--prefix: '/opt/tvm bundle' is not allowed"):
+        render_unit(manifest_for("rpi4"), prefix="/opt/tvm bundle")
 
 
 def test_loopback_detection():

@@ -25,6 +25,8 @@ def register(subparsers) -> None:
                    help="tar (the bundle); overlay (also a rootfs overlay tree and its tarball for image builds); "
                         "deb (also a Debian package)")
     s.add_argument("--no-verify", action="store_true", help="skip the verification at the end")
+    s.add_argument("--reverify", action="store_true",
+                   help="verify even a bundle that was verified for this board before (same bytes, qemu, sysroot)")
     s.add_argument("--bench", action="store_true",
                    help="then benchmark the bundle here (boards of this machine's CPU family), next to "
                         "onnxruntime on the same model when it is installed")
@@ -55,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
                       fmt=args.format, run_verify=not args.no_verify, progress=progress,
                       runtime_source=args.runtime_source,
                       allow_runtime_mismatch=True if args.allow_runtime_mismatch else None,
-                      tuned=False if args.no_tuning else (Path(args.tuning_db) if args.tuning_db else True))
+                      tuned=False if args.no_tuning else (Path(args.tuning_db) if args.tuning_db else True),
+                      reverify=args.reverify)
     report = None
     if args.bench:
         with progress.step(f"benchmark {result.bundle.name} here") as s:

@@ -21,7 +21,7 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
-from bundler.config import cpu
+from bundler.config import cpu, values
 from bundler.errors import RecipeError, UserError, did_you_mean, one_of
 
 FORMAT = 1
@@ -109,12 +109,6 @@ def is_str_list(v: Any) -> str | None:
     return f"expected an array of strings, got {_show(v)}"
 
 
-def is_str_table(v: Any) -> str | None:
-    if isinstance(v, dict) and all(isinstance(x, str) for x in v.values()):
-        return None
-    return f"expected a table of strings, got {_show(v)}"
-
-
 def is_bool(v: Any) -> str | None:
     return None if isinstance(v, bool) else f"expected true or false, got {_show(v)}"
 
@@ -126,20 +120,6 @@ def is_runtime_source(v: Any) -> str | None:
         return None     # a TVM source tree the user already has
     return (f"{_show(v)} is not allowed; expected 'wheel', 'git' or the path of a TVM source tree "
             "(with a '/', e.g. \"~/src/tvm\")" + (did_you_mean(v, RUNTIME_SOURCES) if isinstance(v, str) else ""))
-
-
-def is_listen(v: Any) -> str | None:
-    if isinstance(v, str):
-        host, _, port = v.rpartition(":")
-        if host and port.isdigit() and 0 < int(port) < 65536:
-            return None
-    return f"expected HOST:PORT with a port from 1 to 65535, got {_show(v)}"
-
-
-def is_abs_path(v: Any) -> str | None:
-    if isinstance(v, str) and v.startswith("/"):
-        return None
-    return f"expected an absolute path, got {_show(v)}"
 
 
 def is_shapes(v: Any) -> str | None:
@@ -226,12 +206,13 @@ SCHEMA: dict[str, Field] = {
                          default=False),
     "runtime.backtrace": Field(is_bool, "source builds: include libbacktrace for symbolized error traces",
                                default=False),
-    "install.prefix": Field(is_abs_path, "install root on the device", default="/opt/tvmbundle"),
-    "service.listen": Field(is_listen, "address the inference service listens on", default="127.0.0.1:8470"),
+    "install.prefix": Field(values.install_prefix, "install root on the device", default="/opt/tvmbundle"),
+    "service.listen": Field(values.listen_address, "address the inference service listens on",
+                            default="127.0.0.1:8470"),
     "service.threads": Field(is_int(1, 1024), "inference threads",
                              default=lambda v: v["host_machine.cores"]),
-    "service.user": Field(is_nonempty_str, "unprivileged user the service runs as", default="tvmbundle"),
-    "service.environment": Field(is_str_table, "extra environment of the service", default={}),
+    "service.user": Field(values.unix_user, "unprivileged user the service runs as", default="tvmbundle"),
+    "service.environment": Field(values.environment, "extra environment of the service", default={}),
     "model.input_shapes": Field(is_shapes, "fixed shapes for inputs with dynamic dims", default={}),
     "model.seed": Field(is_int(0, 2**32 - 1), "seed of the selftest inputs", default=0),
     "model.rtol": Field(is_float, "relative tolerance of the selftest", default=1e-3),

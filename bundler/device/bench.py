@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from bundler import proc
-from bundler.config import cpu
+from bundler.config import cpu, values
 from bundler.config import recipe as recipe_mod
 from bundler.device.ssh import Remote, Target
 from bundler.errors import DeployError, UserError
 from bundler.package import bundle as bundle_mod
+from bundler.package.manifest import Manifest
 from bundler.package.verifier import board_for, harness_argv
 
 MODES = ("native", "ssh", "emulated")
@@ -123,10 +124,10 @@ def bench(bundle: Path | str, *, target: Target | None = None, runs: int = DEFAU
 
     with tempfile.TemporaryDirectory(prefix="tvmbundle-bench-") as tmp:
         top = bundle_mod.extract(bundle, Path(tmp))
-        manifest = bundle_mod.read_manifest(top, str(bundle))
-        board = manifest.get("board", {})
-        family = board.get("cpu_family", "")
-        n_threads = threads or int(manifest.get("service", {}).get("threads") or 1)
+        manifest = bundle_mod.load_manifest(top, str(bundle))
+        board = manifest.board
+        family = board.cpu_family
+        n_threads = threads or manifest.service.threads
         if model is not None:
             _check_source(model, manifest)
         here = recipe_mod.host_cpu_family()
@@ -149,13 +150,12 @@ def bench(bundle: Path | str, *, target: Target | None = None, runs: int = DEFAU
             where = f"this machine ({socket.gethostname()}, {here}) under {facts.qemu}"
             notes.append(f"emulated: the {family} harness ran under {facts.qemu} here; its timings mean nothing")
         else:
-            raise UserError(f"{bundle.name}: the bundle is for {board.get('name', '?')} ({family}) and this "
+            raise UserError(f"{bundle.name}: the bundle is for {board.name} ({family}) and this "
                             f"machine is {here}, so it cannot run here natively; give --host USER@HOST[:PORT] "
                             f"to run it on the device over SSH, or --emulate to check the flow under qemu-user "
                             f"(timings then mean nothing)")
         tvm = _latency("tvm", _tvm_version(manifest), where, mode == "emulated", figures, runs, warmup, n_threads)
-        report = BenchReport(str(bundle), manifest.get("bundle_id", ""), manifest.get("name", ""),
-                             board.get("name", ""), family, mode, runs, warmup, tvm.threads, tvm, notes=notes)
+        report = BenchReport(str(bundle), manifest.bundle_id, manifest.name, board.name, family, mode, runs, warmup, tvm.threads, tvm, notes=notes)
         if model is None:
             report.notes.append("no onnxruntime figures: give --model (the ONNX file the bundle was built from)")
         else:
@@ -203,16 +203,17 @@ def _run_local(argv: Sequence[str], runs: int) -> dict[str, Any]:
     return _parse(res.stdout, "here")
 
 
-def _on_device(bundle: Path, top: Path, manifest: Mapping[str, Any], target: Target, args: list[str],
+def _on_device(bundle: Path, top: Path, manifest: Manifest, target: Target, args: list[str],
                runs: int, step_timeout: float) -> tuple[dict[str, Any], str, str]:
     """Run the bench on the device: its current release when that is this bundle, else an upload
     into a temporary folder that is removed afterwards.  Returns (figures, where, how)."""
 
-    board = manifest["board"]
-    prefix = (target.prefix or manifest.get("install", {}).get("prefix") or "/opt/tvmbundle").rstrip("/")
-    if not prefix.startswith("/"):
-        raise UserError(f"--prefix: {prefix!r} is not allowed; expected an absolute path")
-    bid = manifest.get("bundle_id", "")
+    board = manifest.board
+    prefix = (target.prefix or manifest.install.prefix).rstrip("/")
+    problem = values.install_prefix(prefix)
+    if problem:
+        raise UserError(f"--prefix: {problem}")
+    bid = manifest.bundle_id
     bench_timeout = max(step_timeout, 600.0, runs * 60.0)
     q = shlex.quote
     with Remote(target, step_timeout=step_timeout) as r:
@@ -220,9 +221,9 @@ def _on_device(bundle: Path, top: Path, manifest: Mapping[str, Any], target: Tar
             f'echo "arch=$(uname -m)"; echo "current=$(readlink {q(prefix + "/current")} 2>/dev/null)"',
             "preflight").out.splitlines())
         arch = facts.get("arch", "").strip()
-        if cpu.from_uname(arch) != board["cpu_family"]:
+        if cpu.from_uname(arch) != board.cpu_family:
             raise DeployError(target.name, "preflight", f"the device is {arch}, the bundle is for "
-                                                        f"{board['cpu_family']} ({board['name']}); nothing was run")
+                                                        f"{board.cpu_family} ({board.name}); nothing was run")
         where = f"{target.name} ({arch})"
         if facts.get("current", "").strip().rsplit("/", 1)[-1] == bid:
             exe = f"{prefix}/current/bin/tvm-deploy"
@@ -252,9 +253,8 @@ def _remote_bench(r: Remote, exe: str, args: list[str], timeout: float) -> dict[
     return _parse(res.out, r.target.name)
 
 
-def _tvm_version(manifest: Mapping[str, Any]) -> str:
-    rt = manifest.get("runtime", {}) or {}
-    return f"apache-tvm {rt.get('apache-tvm', '?')}"
+def _tvm_version(manifest: Manifest) -> str:
+    return f"apache-tvm {manifest.runtime.get('apache-tvm', '?')}"
 
 
 def _latency(runtime: str, version: str, where: str, emulated: bool, figures: Mapping[str, Any], runs: int,
@@ -283,20 +283,20 @@ def summarize(ms: Sequence[float]) -> dict[str, float]:
 
 # --- onnxruntime ----------------------------------------------------------------------------
 
-def _check_source(model: Path, manifest: Mapping[str, Any]) -> None:
-    want = manifest.get("model", {}).get("source_sha256")
+def _check_source(model: Path, manifest: Manifest) -> None:
+    want = manifest.model.source_sha256
     h = hashlib.sha256()
     with open(model, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     if want and h.hexdigest() != want:
-        src = manifest.get("model", {}).get("source", "?")
+        src = manifest.model.source
         raise UserError(f"--model: {model} is not the model this bundle was built from (its sha256 "
                         f"{h.hexdigest()[:12]} differs from the manifest's {want[:12]}, of {src}); "
                         f"give the same ONNX file")
 
 
-def _onnxruntime(model: Path, top: Path, manifest: Mapping[str, Any], runs: int, warmup: int, threads: int,
+def _onnxruntime(model: Path, top: Path, manifest: Manifest, runs: int, warmup: int, threads: int,
                  notes: list[str]) -> Latency | None:
     try:
         import onnxruntime as ort
@@ -305,8 +305,8 @@ def _onnxruntime(model: Path, top: Path, manifest: Mapping[str, Any], runs: int,
         return None
     import numpy as np
 
-    specs = manifest.get("model", {}).get("inputs", [])
-    files = manifest.get("selftest", {}).get("inputs", [])
+    specs = manifest.model.inputs
+    files = manifest.selftest.inputs
     arrays = [np.load(top / rel) for rel in files]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -316,7 +316,7 @@ def _onnxruntime(model: Path, top: Path, manifest: Mapping[str, Any], runs: int,
     try:
         sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
         names = [i.name for i in sess.get_inputs()]
-        wanted = [s.get("name") for s in specs]
+        wanted = [s.name for s in specs]
         if len(arrays) != len(names):
             raise UserError(f"--model: {model.name} takes {len(names)} input(s) ({', '.join(names)}), the bundle's "
                             f"selftest has {len(arrays)}")

@@ -84,6 +84,7 @@ def extract(archive: Path, dest: Path, origin: str | None = None,
                 raise UnsafeArchive(f"{origin}: member {m.name!r}: a {kind} is not allowed; "
                                     "expected regular files, folders and links inside the archive")
             plan.append((m, rel))
+        _no_duplicates_or_links_as_folders(origin, plan)
         if check is not None:
             check([rel for _, rel in plan])
         dest.mkdir(parents=True, exist_ok=True)
@@ -112,6 +113,22 @@ def extract(archive: Path, dest: Path, origin: str | None = None,
                 else:
                     os.link(dest / _check_link(origin, m, rel), out, follow_symlinks=False)
     return written
+
+
+def _no_duplicates_or_links_as_folders(origin: str, plan: list[tuple[tarfile.TarInfo, str]]) -> None:
+    seen: dict[str, tarfile.TarInfo] = {}
+    for m, rel in plan:
+        if rel in seen and not (m.isdir() and seen[rel].isdir()):
+            raise UnsafeArchive(f"{origin}: member {m.name!r}: appears twice; each path may be written once")
+        seen[rel] = m
+    links = {rel for m, rel in plan if m.issym() or m.islnk()}
+    for m, rel in plan:
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            folder = "/".join(parts[:i])
+            if folder in links:
+                raise UnsafeArchive(f"{origin}: member {m.name!r}: its folder {folder!r} is a link in the archive; "
+                                    "writing through links is not allowed")
 
 
 def _no_links_above(dest: Path, rel: str, origin: str, name: str) -> None:

@@ -16,17 +16,19 @@ import os
 import shutil
 import tarfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bundler import cache
 from bundler.errors import UserError
 from bundler.package import archive
+from bundler.package.manifest import (
+    MANIFEST,
+    FileEntry,
+    Manifest,
+)
 from bundler.package.service import UNIT, render_unit
 
-FORMAT = 1
-MANIFEST = "manifest.json"
 DEFAULT_EPOCH = 315532800  # 1980-01-01T00:00:00Z, the oldest time zip (and so wheels) can store
 FORMATS = ("tar", "overlay", "deb")
 
@@ -38,17 +40,6 @@ def source_date_epoch() -> int:
     if not value.isdigit():
         raise UserError(f"SOURCE_DATE_EPOCH: {value!r} is not allowed; expected seconds since 1970 (digits only)")
     return int(value)
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    path: str     # relative, POSIX
-    sha256: str
-    size: int
-    mode: str     # "0755" / "0644"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "sha256": self.sha256, "size": self.size, "mode": self.mode}
 
 
 def file_entry(root: Path, rel: str) -> FileEntry:
@@ -76,8 +67,8 @@ def stage(staging: Path, parts: Mapping[str, Path]) -> list[FileEntry]:
     return [file_entry(staging, rel) for rel in sorted(parts)]
 
 
-def write_manifest(staging: Path, manifest: Mapping[str, Any]) -> None:
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+def write_manifest(staging: Path, manifest: Manifest) -> None:
+    (staging / MANIFEST).write_text(manifest.dumps())
     (staging / MANIFEST).chmod(0o644)
 
 
@@ -110,17 +101,17 @@ def write_tarball(staging: Path, top: str | None, out: Path, epoch: int) -> None
     os.replace(tmp, out)
 
 
-def write_overlay(release: Path, manifest: Mapping[str, Any], tree: Path) -> None:
+def write_overlay(release: Path, manifest: Manifest, tree: Path) -> None:
     """A rootfs overlay in ``tree``: lay it onto / and the service runs at the next boot.
 
     PREFIX/releases/<bundle id>/ holds the release, PREFIX/current points at it (the same
     layout `tvmbundle deploy` keeps on a device, so a later deploy takes over an imaged
     board), and the unit is enabled by its multi-user.target.wants link, without systemctl.
     """
-    prefix = manifest["install"]["prefix"].strip("/")
-    rel_dir = tree / prefix / "releases" / manifest["bundle_id"]
+    prefix = manifest.install.prefix.strip("/")
+    rel_dir = tree / prefix / "releases" / manifest.bundle_id
     shutil.copytree(release, rel_dir, symlinks=True)
-    os.symlink(f"releases/{manifest['bundle_id']}", tree / prefix / "current")
+    os.symlink(f"releases/{manifest.bundle_id}", tree / prefix / "current")
     units = tree / "etc" / "systemd" / "system"
     (units / "multi-user.target.wants").mkdir(parents=True)
     (units / UNIT).write_text(render_unit(manifest))
@@ -165,12 +156,11 @@ def extract(bundle: Path, dest: Path) -> Path:
     return top
 
 
+def load_manifest(top: Path, origin: str) -> Manifest:
+    """The release's manifest, validated: every path inside the release, every unit value sane."""
+    return Manifest.load(top, origin)
+
+
 def read_manifest(top: Path, origin: str) -> dict[str, Any]:
-    try:
-        manifest = json.loads((top / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{origin}: {MANIFEST} is unreadable: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else None
-        raise UserError(f"{origin}: {MANIFEST}: format: {got!r} is not allowed; this tvmbundle reads format {FORMAT}")
-    return manifest
+    """The validated manifest as a dict, for the readers not yet moved to :class:`Manifest`."""
+    return Manifest.load(top, origin).to_json()

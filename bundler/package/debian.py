@@ -16,12 +16,11 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from bundler import proc
 from bundler.config import cpu
+from bundler.package.manifest import Manifest
 from bundler.package.service import UNIT, render_unit
 
 POSTINST = """#!/bin/sh
@@ -65,32 +64,32 @@ exit 0
 """
 
 
-def package_name(manifest: Mapping[str, Any]) -> str:
-    name = re.sub(r"[^a-z0-9+.-]+", "-", str(manifest.get("name", "model")).lower()).strip("-.+") or "model"
+def package_name(manifest: Manifest) -> str:
+    name = re.sub(r"[^a-z0-9+.-]+", "-", manifest.name.lower()).strip("-.+") or "model"
     return f"tvmbundle-{name}"
 
 
-def package_version(manifest: Mapping[str, Any], epoch: int) -> str:
+def package_version(manifest: Manifest, epoch: int) -> str:
     """Ordered by build time (SOURCE_DATE_EPOCH), then told apart by the bundle id."""
-    return time.strftime("%Y%m%d.%H%M%S", time.gmtime(epoch)) + "+" + manifest["bundle_id"][:8]
+    return time.strftime("%Y%m%d.%H%M%S", time.gmtime(epoch)) + "+" + manifest.bundle_id[:8]
 
 
-def build_deb(release: Path, manifest: Mapping[str, Any], out_dir: Path, epoch: int, work: Path) -> Path:
-    board = manifest["board"]
-    prefix = manifest["install"]["prefix"].rstrip("/")
+def build_deb(release: Path, manifest: Manifest, out_dir: Path, epoch: int, work: Path) -> Path:
+    board = manifest.board
+    prefix = manifest.install.prefix.rstrip("/")
     name, version = package_name(manifest), package_version(manifest, epoch)
-    arch = cpu.FAMILIES[board["cpu_family"]].debian_arch
+    arch = cpu.FAMILIES[board.cpu_family].debian_arch
     root = work / "deb"
-    rel_dir = root / prefix.strip("/") / "releases" / manifest["bundle_id"]
+    rel_dir = root / prefix.strip("/") / "releases" / manifest.bundle_id
     shutil.copytree(release, rel_dir, symlinks=True)
-    os.symlink(f"releases/{manifest['bundle_id']}", root / prefix.strip("/") / "current")
+    os.symlink(f"releases/{manifest.bundle_id}", root / prefix.strip("/") / "current")
     units = root / "lib" / "systemd" / "system"
     units.mkdir(parents=True)
     (units / UNIT).write_text(render_unit(manifest))
     debian = root / "DEBIAN"
     debian.mkdir()
     size_kb = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink()) // 1024 + 1
-    depends = [f"libc6 (>= {board['glibc']})", "libstdc++6", "libgcc-s1"]
+    depends = [f"libc6 (>= {board.glibc})", "libstdc++6", "libgcc-s1"]
     (debian / "control").write_text("\n".join([
         f"Package: {name}",
         f"Version: {version}",
@@ -103,9 +102,9 @@ def build_deb(release: Path, manifest: Mapping[str, Any], out_dir: Path, epoch: 
         "Replaces: tvmbundle-service",
         "Section: misc",
         "Priority: optional",
-        f"Description: {manifest.get('name', 'model')} for {board.get('title') or board['name']}, served by TVM",
-        f" Bundle {manifest['bundle_id']} built by tvmbundle: the model compiled with apache-tvm",
-        f" {manifest['compiler']['apache-tvm']}, its runtime and the tvm-deploy harness, run as the",
+        f"Description: {manifest.name} for {board.title or board.name}, served by TVM",
+        f" Bundle {manifest.bundle_id} built by tvmbundle: the model compiled with apache-tvm",
+        f" {manifest.compiler['apache-tvm']}, its runtime and the tvm-deploy harness, run as the",
         f" {UNIT} inference service.",
         ""]))
     for script, text in (("postinst", POSTINST), ("prerm", PRERM), ("postrm", POSTRM)):

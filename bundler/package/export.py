@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import textwrap
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from bundler.config import cpu
 from bundler.errors import UserError, one_of
 from bundler.package import bundle as bundle_mod
 from bundler.package.debian import package_version
+from bundler.package.manifest import Manifest
 from bundler.package.service import UNIT, render_unit
 
 TARGETS = ("buildroot", "yocto")
@@ -74,7 +74,7 @@ def export(bundle: Path | str, target: str, out: Path | str | None = None) -> Ex
             top = bundle_mod.extract(bundle, Path(tmp))
         except UserError as e:
             raise ExportError(f"{e.message.splitlines()[0].rstrip(':')}; {_EXPECTED}") from None
-        manifest = bundle_mod.read_manifest(top, str(bundle))
+        manifest = bundle_mod.load_manifest(top, str(bundle))
         info = _Info.of(bundle, top.name, manifest)
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = out.with_name(f".{out.name}.tmp")
@@ -98,7 +98,7 @@ def export(bundle: Path | str, target: str, out: Path | str | None = None) -> Ex
 
 @dataclass(frozen=True)
 class _Info:
-    manifest: Mapping[str, Any]
+    manifest: Manifest
     source: str          # the tarball's file name
     top: str             # its top folder
     sha256: str
@@ -110,48 +110,35 @@ class _Info:
     cpu_family: str
 
     @classmethod
-    def of(cls, bundle: Path, top: str, manifest: Mapping[str, Any]) -> _Info:
-        origin = f"{bundle}: manifest.json"
-        try:
-            board, bid = manifest["board"], manifest["bundle_id"]
-            family = board["cpu_family"]
-            prefix = manifest["install"]["prefix"].rstrip("/")
-            files = [f["path"] for f in manifest["files"]]
-        except (KeyError, TypeError) as e:
-            raise ExportError(f"{origin}: {e} is missing; expected a manifest written by `tvmbundle make` "
-                              "(see docs/bundle-format.md)") from None
+    def of(cls, bundle: Path, top: str, manifest: Manifest) -> _Info:
+        """Every path and unit value was checked when the manifest loaded (Manifest.load)."""
+        origin = f"{bundle}: {bundle_mod.MANIFEST}"
+        family = manifest.board.cpu_family
         if family not in cpu.FAMILIES:
             raise ExportError(f"{origin}: board.cpu_family: {family!r} is not allowed; expected {one_of(cpu.FAMILIES)}")
-        if not re.fullmatch(r"(/[A-Za-z0-9._+-]+)+", prefix):
-            raise ExportError(f"{origin}: install.prefix: {prefix!r} is not allowed; expected an absolute path "
-                              "of letters, digits and ._+-")
-        for rel in files:
-            if not re.fullmatch(r"[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*", rel) or ".." in rel.split("/"):
-                raise ExportError(f"{origin}: files: {rel!r} is not allowed; expected a relative path of "
-                                  "letters, digits and ._+-")
-        epoch = _epoch(manifest.get("created"))
-        name = re.sub(r"[^a-z0-9]+", "-", str(manifest.get("name", "model")).lower()).strip("-") or "model"
+        epoch = _epoch(manifest.created)
+        name = re.sub(r"[^a-z0-9]+", "-", manifest.name.lower()).strip("-") or "model"
         return cls(manifest, bundle.name, top, cache.sha256_file(bundle), f"tvmbundle-{name}",
-                   package_version(manifest, epoch), epoch, bid, prefix, family)
+                   package_version(manifest, epoch), epoch, manifest.bundle_id,
+                   manifest.install.prefix.rstrip("/"), family)
 
     @property
     def files(self) -> list[tuple[str, str]]:
         """(path, mode) of everything the release holds, manifest.json included."""
-        return [(f["path"], f.get("mode", "0644")) for f in self.manifest["files"]] + [(bundle_mod.MANIFEST, "0644")]
+        return [(f.path, f.mode) for f in self.manifest.files] + [(bundle_mod.MANIFEST, "0644")]
 
     @property
     def summary(self) -> str:
-        board = self.manifest["board"]
-        return f"{self.manifest.get('name', 'model')} served by TVM on {board.get('title') or board['name']} (tvmbundle)"
+        board = self.manifest.board
+        return f"{self.manifest.name} served by TVM on {board.title or board.name} (tvmbundle)"
 
     @property
     def about(self) -> str:
         m = self.manifest
-        board = m["board"].get("title") or m["board"]["name"]
-        return (f"{m.get('name', 'model')} for {board}, compiled with apache-tvm "
-                f"{m.get('compiler', {}).get('apache-tvm', '?')}: bundle {self.bundle_id[:12]}, its TVM runtime "
-                f"and the tvm-deploy inference service ({UNIT}, listening on "
-                f"{m.get('service', {}).get('listen', '127.0.0.1:8470')}).")
+        board = m.board.title or m.board.name
+        return (f"{m.name} for {board}, compiled with apache-tvm "
+                f"{m.compiler.get('apache-tvm', '?')}: bundle {self.bundle_id[:12]}, its TVM runtime "
+                f"and the tvm-deploy inference service ({UNIT}, listening on {m.service.listen}).")
 
 
 def _epoch(created: Any) -> int:
@@ -243,7 +230,7 @@ def _write_buildroot(root: Path, bundle: Path, info: _Info) -> None:
     _write(root / "external.mk", f"include $(sort $(wildcard $(BR2_EXTERNAL_{BR2_EXTERNAL_NAME}_PATH)/package/*/*.mk))\n")
 
     arch = " && ".join(cpu.FAMILIES[info.cpu_family].buildroot)
-    if info.cpu_family == "arm" and info.manifest["board"].get("float_abi") == "hard":
+    if info.cpu_family == "arm" and info.manifest.board.float_abi == "hard":
         arch += " && BR2_ARM_EABIHF"
     help_text = "\n".join("\t  " + line for line in textwrap.wrap(_q(info.about), 62, break_on_hyphens=False))
     _write(pkgdir / "Config.in", "\n".join([
@@ -260,7 +247,7 @@ def _write_buildroot(root: Path, bundle: Path, info: _Info) -> None:
         "\tdepends on !BR2_TOOLCHAIN_USES_GLIBC || !BR2_INSTALL_LIBSTDCPP",
         ""]))
 
-    user = info.manifest.get("service", {}).get("user", "tvmbundle")
+    user = info.manifest.service.user
     install = _install_lines(info, "$(INSTALL)", "$(@D)", "$(TARGET_DIR)", info.prefix, info.bundle_id)
     _write(pkgdir / f"{pkg}.mk", "\n".join([
         "#" * 80, "#", f"# {pkg}", "#", "#" * 80, "",
@@ -327,7 +314,7 @@ def _write_yocto(root: Path, bundle: Path, info: _Info) -> None:
         f'LAYERSERIES_COMPAT_{c} = "{LAYERSERIES}"',
         ""]))
     recipe_dir = root / f"recipes-{c}" / info.package
-    user = info.manifest.get("service", {}).get("user", "tvmbundle")
+    user = info.manifest.service.user
     install = _install_lines(info, "install", "${S}", "${D}", "${TVMBUNDLE_PREFIX}", "${TVMBUNDLE_ID}")
     _write(recipe_dir / f"{info.package}_{info.version}.bb", "\n".join([
         f"# Generated by tvmbundle export from bundle {info.bundle_id}.",

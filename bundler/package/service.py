@@ -15,10 +15,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bundler.config import values
 from bundler.errors import UserError
+from bundler.package.manifest import Manifest
 
 UNIT = "tvmbundle.service"
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def template_path() -> Path:
@@ -43,23 +44,27 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def render_unit(manifest: Mapping[str, Any], prefix: str | None = None) -> str:
-    """The unit text for the bundle described by ``manifest``, installed under ``prefix``."""
-    svc = manifest.get("service", {})
-    prefix = (prefix or manifest.get("install", {}).get("prefix") or "/opt/tvmbundle").rstrip("/")
-    listen = svc.get("listen", "127.0.0.1:8470")
-    host = listen.rpartition(":")[0]
-    env_lines = []
-    for key, value in sorted(svc.get("environment", {}).items()):
-        if not _ENV_KEY.match(key):
-            raise UserError(f"service.environment: {key!r} is not allowed; expected a variable name "
-                            "([A-Za-z_][A-Za-z0-9_]*)")
-        env_lines.append(f"Environment={_quote(f'{key}={value}')}")
+def render_unit(manifest: Manifest | Mapping[str, Any], prefix: str | None = None) -> str:
+    """The unit text for the bundle described by ``manifest``, installed under ``prefix``.
+
+    Every value was checked when the manifest loaded (bundler.config.values: no control
+    characters, no '%', no spaces in paths, names and addresses of a fixed alphabet); the
+    environment is quoted as systemd.syntax(7) says. A prefix given here is checked the same way.
+    """
+    if not isinstance(manifest, Manifest):      # device code still passes the JSON form
+        manifest = Manifest.from_json(dict(manifest), "manifest")
+    svc = manifest.service
+    prefix = (prefix or manifest.install.prefix).rstrip("/") or "/"
+    problem = values.install_prefix(prefix)
+    if problem:
+        raise UserError(f"--prefix: {problem}")
+    host = svc.listen.rpartition(":")[0]
+    env_lines = [f"Environment={_quote(f'{key}={value}')}" for key, value in sorted(svc.environment.items())]
     ip_access = "IPAddressAllow=localhost\nIPAddressDeny=any" if is_loopback(host) else ""
     text = template_path().read_text()
     for placeholder, value in (
-        ("@NAME@", str(manifest.get("name", "model"))), ("@PREFIX@", prefix), ("@LISTEN@", listen),
-        ("@THREADS@", str(svc.get("threads", 1))), ("@USER@", svc.get("user", "tvmbundle")),
+        ("@NAME@", manifest.name), ("@PREFIX@", prefix), ("@LISTEN@", svc.listen),
+        ("@THREADS@", str(svc.threads)), ("@USER@", svc.user),
         ("@ENVIRONMENT@", "\n".join(env_lines)), ("@IPACCESS@", ip_access),
     ):
         text = text.replace(placeholder, value)

@@ -8,8 +8,10 @@ qemu-user for foreign boards or natively.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,9 +23,14 @@ from bundler.build import elf
 from bundler.build.toolchain import read_yocto_sdk
 from bundler.config import cpu
 from bundler.config import recipe as recipe_mod
-from bundler.errors import UserError, VerifyError
+from bundler.errors import UserError, VerifyError, one_of
 from bundler.package import bundle as bundle_mod
+from bundler.package.manifest import MANIFEST, Manifest
+from bundler.package.service import UNIT, render_unit
 from bundler.progress import Progress
+
+# Part of every verification record's key: a change to what verify checks re-verifies bundles.
+VERIFIER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -75,40 +82,62 @@ class Report:
             self.checks.append((name, True, passed_detail))
 
 
-def board_for(manifest: Mapping[str, Any], board: str | recipe_mod.Recipe | None) -> BoardFacts:
+def board_for(manifest: Manifest, board: str | recipe_mod.Recipe | None) -> BoardFacts:
     if isinstance(board, recipe_mod.Recipe):
         return BoardFacts.from_recipe(board)
-    name = board or manifest.get("board", {}).get("name", "")
+    name = board or manifest.board.name
     try:
         return BoardFacts.from_recipe(recipe_mod.load(name))
     except UserError:
         if board:       # the user named a board that does not load: say so
             raise
     # The bundle's own record of its board: enough for every check; qemu and sysroot by convention.
-    b = manifest["board"]
-    fam = b["cpu_family"]
-    f = cpu.FAMILIES[fam]
-    mach, bits, qemu = f.elf_machine, f.bits, f.qemu
-    native = fam == recipe_mod.host_cpu_family()
-    return BoardFacts(b["name"], mach, bits, b.get("float_abi"), b["glibc"], b.get("glibcxx"),
-                      tuple(b.get("base_libs", recipe_mod.BASE_LIBS)), "" if native else qemu,
-                      "" if native else f"/usr/{b['triple']}")
+    b = manifest.board
+    f = cpu.FAMILIES.get(b.cpu_family)
+    if f is None:
+        raise UserError(f"{manifest.name}: {MANIFEST}: board.cpu_family: {b.cpu_family!r} is not allowed; "
+                        f"expected {one_of(cpu.FAMILIES)}")
+    native = b.cpu_family == recipe_mod.host_cpu_family()
+    return BoardFacts(b.name, f.elf_machine, f.bits, b.float_abi, b.glibc, b.glibcxx,
+                      b.base_libs or recipe_mod.BASE_LIBS, "" if native else f.qemu,
+                      "" if native else f"/usr/{b.triple}")
 
 
 def verify(bundle_path: Path | str, *, board: str | recipe_mod.Recipe | None = None, run: bool = True,
-           progress: Progress | None = None) -> Report:
-    """Verify a bundle tarball; raises VerifyError listing every problem found."""
+           progress: Progress | None = None, reverify: bool = False) -> Report:
+    """Verify a bundle tarball; raises VerifyError listing every problem found.
+
+    A bundle whose exact bytes passed every check (selftest included) for the same board facts,
+    qemu and sysroot is not checked again unless ``reverify``: the record is a cache entry.
+    """
     progress = progress or Progress(quiet=True)
     bundle_path = Path(bundle_path)
+    if not bundle_path.is_file():
+        raise UserError(f"bundle not found: {bundle_path}")
+    record = None
+    if run and isinstance(board, recipe_mod.Recipe):
+        # Only a recipe gives the board facts without unpacking: verify BUNDLE re-checks by default.
+        facts = BoardFacts.from_recipe(board)
+        record = _record_key(bundle_path, facts)
+        if not reverify:
+            earlier = cache.lookup("verified", record)
+            if earlier is not None:
+                saved = earlier.meta["report"]
+                report = Report(str(bundle_path), facts.name, [tuple(c) for c in saved["checks"]],
+                                saved["info"], saved["selftest"])
+                progress.note(f"{bundle_path.name} was verified for {facts.name} before (same bytes, board, "
+                              "qemu and sysroot): not run again (--reverify runs it)")
+                return report
     with tempfile.TemporaryDirectory(prefix="tvmbundle-verify-") as tmp:
         top = bundle_mod.extract(bundle_path, Path(tmp))
-        manifest = bundle_mod.read_manifest(top, str(bundle_path))
+        manifest = bundle_mod.load_manifest(top, str(bundle_path))
         facts = board_for(manifest, board)
         report = Report(str(bundle_path), facts.name)
         with progress.step(f"check files of {bundle_path.name}") as s:
             report.add("files", check_files(top, manifest))
             report.add("elf", check_elves(top, facts))
             report.add("libraries", check_needed(top, facts))
+            report.add("unit", check_unit(top, manifest, Path(tmp)))
             s.done(detail="ok" if report.ok else f"{len(report.failures)} problem(s)")
         if run and report.ok:
             with progress.step(f"run the selftest {'under ' + facts.qemu if facts.qemu else 'natively'}") as s:
@@ -118,31 +147,73 @@ def verify(bundle_path: Path | str, *, board: str | recipe_mod.Recipe | None = N
             report.checks.append(("selftest", True, "not run: the static checks failed"))
     if not report.ok:
         raise VerifyError(str(bundle_path), report.failures)
+    if record is not None:
+        saved = {"checks": report.checks, "info": report.info, "selftest": report.selftest}
+        cache.get("verified", record, lambda _tmp: {"report": saved})
     return report
 
 
-def check_files(top: Path, manifest: Mapping[str, Any]) -> list[str]:
+def _record_key(bundle_path: Path, facts: BoardFacts) -> str:
+    """What a verification depends on: the bundle's bytes, the board facts, and the identity of the
+    qemu and sysroot it ran with (path, size and time of change; no program is run for it)."""
+    def stamp(path: str) -> list[Any]:
+        if not path:
+            return []
+        st = os.stat(path) if os.path.exists(path) else None
+        return [path, st.st_size if st else None, st.st_mtime_ns if st else None]
+    qemu = shutil.which(facts.qemu) if facts.qemu else ""
+    return cache.key("verified", cache.sha256_file(bundle_path), dataclasses.asdict(facts), stamp(qemu or ""),
+                     stamp(facts.sysroot), {"verifier": VERIFIER_VERSION})
+
+
+def check_files(top: Path, manifest: Manifest) -> list[str]:
+    """Every listed file present with its size, sha256 and mode; nothing unlisted. The manifest's
+    paths were checked to stay inside the release when it loaded."""
     problems = []
     listed = {}
-    for entry in manifest.get("files", []):
-        rel = entry.get("path", "")
+    for entry in manifest.files:
+        rel = entry.path
         listed[rel] = entry
         p = top / rel
-        if not p.is_file():
-            problems.append(f"{rel}: listed in the manifest but missing")
+        if p.is_symlink() or not p.is_file():
+            problems.append(f"{rel}: listed in the manifest but missing (or not a regular file)")
             continue
-        if p.stat().st_size != entry.get("size"):
-            problems.append(f"{rel}: size {p.stat().st_size} differs from the manifest's {entry.get('size')}")
-        elif cache.sha256_file(p) != entry.get("sha256"):
+        if p.stat().st_size != entry.size:
+            problems.append(f"{rel}: size {p.stat().st_size} differs from the manifest's {entry.size}")
+        elif cache.sha256_file(p) != entry.sha256:
             problems.append(f"{rel}: sha256 differs from the manifest (the file was changed)")
         mode = "0755" if os.access(p, os.X_OK) else "0644"
-        if mode != entry.get("mode"):
-            problems.append(f"{rel}: mode {mode} differs from the manifest's {entry.get('mode')}")
+        if mode != entry.mode:
+            problems.append(f"{rel}: mode {mode} differs from the manifest's {entry.mode}")
     for p in sorted(top.rglob("*")):
         rel = p.relative_to(top).as_posix()
         if p.is_file() and rel != bundle_mod.MANIFEST and rel not in listed:
             problems.append(f"{rel}: present but not listed in the manifest")
     return problems
+
+
+def check_unit(top: Path, manifest: Manifest, work: Path) -> list[str]:
+    """`systemd-analyze verify` on the bundle's rendered unit, offline, in a root that has the unit,
+    its ExecStart program and the host's system units; any output on stderr is a problem, since
+    systemd only warns about keys it does not know."""
+    analyze = proc.which("systemd-analyze", why="check the bundle's systemd unit")
+    root = work / "unit-root"
+    exe = root / manifest.install.prefix.strip("/") / "current" / "bin" / "tvm-deploy"
+    exe.parent.mkdir(parents=True)
+    shutil.copyfile(top / "bin" / "tvm-deploy", exe)
+    exe.chmod(0o755)
+    units = root / "etc" / "systemd" / "system"
+    units.mkdir(parents=True)
+    (units / UNIT).write_text(render_unit(manifest))
+    for system in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")):
+        if system.is_dir() and not system.is_symlink():
+            shutil.copytree(system, root / "usr" / "lib" / "systemd" / "system", symlinks=True, dirs_exist_ok=True)
+            break
+    res = proc.run([analyze, "verify", f"--root={root}", f"/etc/systemd/system/{UNIT}"], check=False, timeout=120)
+    err = (res.stderr or "").strip()
+    if res.returncode != 0 or err:
+        return [f"{UNIT}: systemd-analyze verify: {_last(err or res.stdout)}"]
+    return []
 
 
 def _elves(top: Path) -> list[tuple[str, elf.ElfInfo]]:
@@ -164,8 +235,6 @@ def check_elves(top: Path, facts: BoardFacts) -> list[str]:
 
 
 def _renamed(info: elf.ElfInfo, rel: str) -> elf.ElfInfo:
-    import dataclasses
-
     return dataclasses.replace(info, path=rel)
 
 
