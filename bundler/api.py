@@ -16,7 +16,8 @@ from typing import Any
 from bundler import cache
 from bundler.build import harness, runtime, toolchain
 from bundler.compile import model as model_mod
-from bundler.compile import onnxmodel, rpc, tuning
+from bundler.compile import prepared as prepared_mod
+from bundler.compile import rpc, tuning
 from bundler.compile.pipeline import board_target
 from bundler.config import recipe as recipe_mod
 from bundler.errors import UserError, one_of
@@ -42,7 +43,7 @@ class MakeResult:
         return [s.name for s in self.steps if not s.cached and s.name.split(" ")[0] in _BUILD_STEPS]
 
 
-_BUILD_STEPS = {"get", "build", "compile", "compute", "package"}
+_BUILD_STEPS = {"prepare", "get", "build", "compile", "compute", "package"}
 
 
 def load_recipe(board: str | recipe_mod.Recipe) -> recipe_mod.Recipe:
@@ -90,11 +91,10 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
         s.done(detail=f"{tc.cxx.name} ({tc.machine})")
     versions = runtime.compiler_versions()
     with progress.step(f"prepare {model.name}") as s:
-        prepared = onnxmodel.prepare(model, shapes or None)
-        onnxmodel.check_supported(prepared.model, model)
-        model_id = model_mod.digest(prepared)
-        s.done(detail=_signature_line(prepared) + (f", folded {prepared.folded_nodes} nodes"
-                                                   if prepared.folded_nodes else ""))
+        prepared = prepared_mod.prepare(model, shapes or None)
+        model_id = prepared.model_id
+        s.done(cached=prepared.cached, detail=_signature_line(prepared) + (
+            f", folded {prepared.folded_nodes} nodes" if prepared.folded_nodes else ""))
     source = runtime_source or r.runtime.source
     what = f"the {r.runtime.platform} wheels" if source == "wheel" else "TVM's sources"
     with progress.step(f"get the TVM runtime for {r.name} from {what}") as s:
@@ -188,13 +188,13 @@ def _publish_overlay(release: Path, manifest: Manifest, tree: Path, epoch: int) 
     return tarball
 
 
-def _signature_line(p: onnxmodel.PreparedModel) -> str:
-    def fmt(specs: tuple[onnxmodel.TensorSpec, ...]) -> str:
+def _signature_line(p: prepared_mod.Prepared) -> str:
+    def fmt(specs: tuple[prepared_mod.TensorSpec, ...]) -> str:
         return ", ".join(f"{s.name}:{s.dtype}{list(s.shape)}" for s in specs)
     return f"{fmt(p.inputs)} -> {fmt(p.outputs)}"
 
 
-def _manifest(r: recipe_mod.Recipe, name: str, model: Path, prepared: onnxmodel.PreparedModel,
+def _manifest(r: recipe_mod.Recipe, name: str, model: Path, prepared: prepared_mod.Prepared,
               versions: dict[str, str], rt: runtime.Runtime, vectors: model_mod.Vectors,
               epoch: int) -> dict[str, Any]:
     return {
@@ -239,10 +239,9 @@ def tune(board, model: Path | str, *, input_shapes=None, trials: int | None = No
     shapes.update({k: tuple(v) for k, v in (input_shapes or {}).items()})
     versions = runtime.compiler_versions()
     with progress.step(f"prepare {model.name}") as s:
-        prepared = onnxmodel.prepare(model, shapes or None)
-        onnxmodel.check_supported(prepared.model, model)
-        model_id = model_mod.digest(prepared)
-        s.done()
+        prepared = prepared_mod.prepare(model, shapes or None)
+        model_id = prepared.model_id
+        s.done(cached=prepared.cached)
     key = key or rpc.DEFAULT_KEY
     with contextlib.ExitStack() as stack:
         endpoint = None

@@ -40,7 +40,7 @@ def built(tmp_path_factory):
                           out_dir=tmp_path_factory.mktemp("dist"), run_verify=False)
     finally:
         mp.undo()
-    return result.bundle, result.manifest
+    return result.bundle, result.manifest.to_json()
 
 
 def sha256(p: Path) -> str:

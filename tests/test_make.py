@@ -8,9 +8,11 @@ build) are paid once.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -146,8 +148,37 @@ def test_warm_make_rebuilds_nothing(run_cli, model_dir, tmp_path):
     assert code == 0, err
     assert second["rebuilt"] == []
     assert all(s["cached"] for s in second["steps"] if s["name"].split()[0] in
-               ("get", "build", "compile", "compute", "package"))
+               ("prepare", "get", "build", "compile", "compute", "package"))
     assert Path(first["bundle"]).name == Path(second["bundle"]).name
+
+
+def test_warm_make_loads_neither_tvm_nor_onnx_and_does_not_rerun_the_selftest(model_dir, tmp_path):
+    """What makes a warm make instant: the prepared model and the verification come from the cache.
+    A fresh process, so that modules other tests loaded do not count."""
+    need("g++")
+    script = ("import json, sys\nfrom bundler.cli import main\n"
+              "code = main(['make', 'x86_64', '--model', sys.argv[1], '--out', sys.argv[2]])\n"
+              "print(json.dumps({'code': code, 'tvm': 'tvm' in sys.modules, 'onnx': 'onnx' in sys.modules}))\n")
+    argv = [sys.executable, "-c", script, str(model_dir / "convnet.onnx"), str(tmp_path / "dist")]
+    env = {**os.environ}
+    cold = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+    assert json.loads(cold.stdout.splitlines()[-1])["code"] == 0, cold.stderr
+    warm = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+    state = json.loads(warm.stdout.splitlines()[-1])
+    assert state == {"code": 0, "tvm": False, "onnx": False}, warm.stderr
+    assert "was verified for x86_64 before" in warm.stderr and "run the selftest" not in warm.stderr, warm.stderr
+    reverify = subprocess.run([sys.executable, "-m", "bundler", "make", "x86_64", "--model",
+                               str(model_dir / "convnet.onnx"), "--out", str(tmp_path / "dist"), "--reverify"],
+                              capture_output=True, text=True, env=env, timeout=900)
+    assert reverify.returncode == 0 and "run the selftest natively" in reverify.stderr, reverify.stderr
+
+
+@pytest.mark.parametrize("file, name", [("mobile_v2.0_cls.onnx", "mobile_v2.0_cls"),
+                                        ("mobile_v2.0_rec.onnx", "mobile_v2.0_rec"),
+                                        ("net.ONNX", "net"), ("my model.onnx", "my-model"),
+                                        ("..onnx", "model"), ("v1.2", "v1.2")])
+def test_bundle_names_keep_the_whole_stem(file, name):
+    assert api.bundle_name(Path(file)) == name
 
 
 def test_two_cold_makes_give_identical_tarballs_without_host_paths(run_cli, model_dir, tmp_path, monkeypatch):

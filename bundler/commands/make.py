@@ -45,10 +45,10 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bundler import api
-    from bundler.compile import onnxmodel
+    from bundler.compile import prepared
     from bundler.device import bench
 
-    shapes = dict(onnxmodel.parse_input_shape(s) for s in args.input_shape or [])
+    shapes = dict(prepared.parse_input_shape(s) for s in args.input_shape or [])
     if args.bench:
         bench.require_native(args.board)      # refuse a foreign board before the build, not after
     progress = Progress(quiet=args.quiet)

@@ -11,8 +11,8 @@ import numpy as np
 
 from bundler import cache, proc
 from bundler.build.toolchain import Toolchain
-from bundler.compile.onnxmodel import PreparedModel, TensorSpec
 from bundler.compile.pipeline import board_target, pipeline
+from bundler.compile.prepared import Prepared, TensorSpec
 from bundler.config.recipe import Recipe, display_path
 from bundler.errors import ModelError, RecipeError
 
@@ -36,11 +36,11 @@ def target_for(recipe: Recipe):
                           f"TVM rejects {recipe.target_dict()}: {str(e).strip().splitlines()[-1]}") from None
 
 
-def to_relax(prepared: PreparedModel, source: Path):
+def to_relax(prepared: Prepared, source: Path):
     """Import into Relax, naming the model file on failure."""
     _, from_onnx = _tvm()
     try:
-        return from_onnx(prepared.model, keep_params_in_input=False)
+        return from_onnx(prepared.load(), keep_params_in_input=False)
     except Exception as e:
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ModelError(f"{source}: TVM cannot import the model: {last}") from None
@@ -52,9 +52,9 @@ class CompiledModel:
     cached: bool
 
 
-def compile_for_board(prepared: PreparedModel, model_id: str, source: Path, recipe: Recipe, tc: Toolchain,
+def compile_for_board(prepared: Prepared, model_id: str, source: Path, recipe: Recipe, tc: Toolchain,
                       versions: dict[str, str], database=None) -> CompiledModel:
-    """``model_id`` is :func:`digest` of ``prepared``, computed once by the caller.
+    """``model_id`` is ``prepared.model_id`` (the prepared graph's sha256).
 
     ``database`` (a :class:`bundler.compile.tuning.Database`) supplies tuned schedules; kernels it lacks get
     TVM's default CPU schedules. The target carries the board's thread count (num-cores)."""
@@ -105,13 +105,6 @@ def _linker(tc: Toolchain):
     return fcompile
 
 
-def digest(prepared: PreparedModel) -> str:
-    """Identity of the model as compiled: the prepared graph (shapes fixed, folded), not the file."""
-    import hashlib
-
-    return hashlib.sha256(prepared.model.SerializeToString(deterministic=True)).hexdigest()
-
-
 # --- selftest vectors -------------------------------------------------------------------
 
 def make_inputs(specs: tuple[TensorSpec, ...], seed: int) -> list[np.ndarray]:
@@ -139,7 +132,7 @@ class Vectors:
     cached: bool
 
 
-def selftest_vectors(prepared: PreparedModel, model_id: str, source: Path, seed: int,
+def selftest_vectors(prepared: Prepared, model_id: str, source: Path, seed: int,
                      versions: dict[str, str]) -> Vectors:
     """Inputs and the outputs of the same model compiled for and run on the build host."""
     key = cache.key("vectors", model_id, seed, versions)
@@ -177,14 +170,14 @@ def selftest_vectors(prepared: PreparedModel, model_id: str, source: Path, seed:
                    entry.meta["reference"], entry.hit)
 
 
-def _crosscheck(prepared: PreparedModel, inputs: list[np.ndarray], outs: list[np.ndarray]) -> str:
+def _crosscheck(prepared: Prepared, inputs: list[np.ndarray], outs: list[np.ndarray]) -> str:
     """Compare TVM's outputs with onnxruntime's where it is installed: a frontend bug shows here."""
     try:
         import onnxruntime as ort
     except ImportError:
         return ""
     try:
-        sess = ort.InferenceSession(prepared.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(prepared.graph), providers=["CPUExecutionProvider"])
         ref = sess.run(None, {s.name: a for s, a in zip(prepared.inputs, inputs)})
     except Exception as e:  # onnxruntime may lack an op TVM has: not our verdict to give
         return f"onnxruntime could not run the model for a cross-check ({type(e).__name__})"
