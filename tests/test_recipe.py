@@ -100,3 +100,28 @@ def test_error_carries_file_and_key():
     with pytest.raises(RecipeError) as e:
         recipe.load(str(bad))
     assert e.value.file == bad.as_posix() and e.value.key == "toolchain.cc"
+
+
+def test_every_key_is_one_field_and_documented_in_the_readme():
+    """The section dataclasses are the schema: each key is a field with a doc, and the README's
+    recipe format shows it."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme[readme.index("### Recipe format"):readme.index("### Runtimes built from source")]
+    shown, section = set(), None
+    for line in block.splitlines():
+        m = re.match(r"^\[([a-z_.]+)\]", line)
+        if m:
+            section = m.group(1)
+            continue
+        m = re.match(r"^#?\s*([a-z_]+)\s*=", line)
+        if m:
+            shown.add(f"{section}.{m.group(1)}" if section else m.group(1))
+    for key, spec in recipe.SCHEMA.items():
+        assert spec.doc, f"{key} has no doc"
+        assert key in shown or key == "tvm.target", f"README's recipe format does not show {key}"
+    r = recipe.load("rpi4")
+    for section, cls in recipe.SECTIONS.items():
+        obj = getattr(r, "machine" if section == "host_machine" else section)
+        assert isinstance(obj, cls)

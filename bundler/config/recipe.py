@@ -13,6 +13,8 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from dataclasses import field as dataclass_field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,16 @@ class Field:
     doc: str
     default: Any = None                  # a value, or a callable(values) -> value for derived defaults
     required: bool = False
+    key: str | None = None               # the TOML key, when it is not the attribute's name
+    leaf: bool = False                   # a table with free keys (checked as a whole), merged key by key
+    coerce: Callable[[Any], Any] | None = None   # TOML value -> attribute value (lists to tuples...)
+
+
+def key(check: Callable[[Any], str | None], doc: str, default: Any = None, *, required: bool = False,
+        toml: str | None = None, leaf: bool = False, coerce: Callable[[Any], Any] | None = None) -> Any:
+    """A recipe key, declared as a field of its section's dataclass: the dataclasses are the schema."""
+    return dataclass_field(default=None, metadata={"recipe": Field(check, doc, default, required, toml, leaf,
+                                                                   coerce)})
 
 
 def _type_name(v: Any) -> str:
@@ -158,105 +170,54 @@ def _default_qemu(values: Mapping[str, Any]) -> str:
     return cpu.FAMILIES[values["host_machine.cpu_family"]].qemu if _is_foreign(values) else ""
 
 
-SCHEMA: dict[str, Field] = {
-    "format": Field(is_int(1, 1), "recipe schema version", required=True),
-    "extends": Field(is_nonempty_str, "a recipe this one builds on (its values are overridden here)"),
-    "board.name": Field(is_nonempty_str, "the board's full name", required=True),
-    "board.vendor": Field(is_str, "who makes the board", default=""),
-    "board.url": Field(is_str, "where to read about the board", default=""),
-    "board.os": Field(is_str, "the operating system the glibc floor refers to", default=""),
-    "host_machine.system": Field(is_choice("linux"), "the board's kernel", default="linux"),
-    "host_machine.cpu_family": Field(is_choice(*cpu.FAMILIES), "CPU family", required=True),
-    "host_machine.cpu": Field(is_nonempty_str, "CPU model, e.g. cortex-a72", required=True),
-    "host_machine.triple": Field(is_nonempty_str, "GNU target triple", required=True),
-    "host_machine.glibc": Field(is_version, "oldest glibc of the board's OS", required=True),
-    "host_machine.glibcxx": Field(is_version, "oldest libstdc++ (GLIBCXX_) version of the board's OS"),
-    "host_machine.float_abi": Field(is_choice("hard", "soft", "double", "single"),
-                                    "float ABI of the OS (arm: hard/soft; riscv: double/single/soft)"),
-    "host_machine.cores": Field(is_int(1, 1024), "CPU cores", default=1),
-    "host_machine.base_libs": Field(is_str_list, "extra shared libraries the board's base system provides",
-                                    default=[]),
-    "toolchain.prefix": Field(is_str, "prefix of the cross tools (PREFIXgcc, PREFIXg++, PREFIXstrip)",
-                              default=_default_prefix),
-    "toolchain.cc": Field(is_nonempty_str, "C compiler, a name on PATH or a path"),
-    "toolchain.cxx": Field(is_nonempty_str, "C++ compiler, a name on PATH or a path"),
-    "toolchain.sysroot": Field(is_str, "--sysroot for the compiler ('': the compiler's built-in paths, "
-                                       "right for Debian's cross g++)", default=""),
-    "toolchain.cflags": Field(is_str_list, "extra compile flags", default=[]),
-    "toolchain.ldflags": Field(is_str_list, "extra link flags", default=[]),
-    "toolchain.debian_packages": Field(is_str_list, "Debian packages that provide the toolchain", default=[]),
-    "toolchain.yocto_sdk": Field(is_str, "a Yocto SDK's environment-setup-* script: CC, CXX, the sysroot and "
-                                 "flags are read from it ('' : none)", default=""),
-    "tvm.target": Field(lambda v: None if isinstance(v, dict) else f"expected a table, got {_show(v)}",
-                        "TVM target, passed to tvm.target.Target as a dict", required=True),
-    "runtime.source": Field(is_runtime_source, "where the TVM runtime comes from: 'wheel' (PyPI), 'git' "
-                            "(TVM's repository at the compiler's version) or the path of a TVM source tree",
-                            default=_default_runtime_source),
-    "runtime.platform": Field(is_nonempty_str, "wheel platform tag for runtime.source = 'wheel'",
-                              default=_default_platform),
-    "runtime.git_url": Field(is_nonempty_str, "repository runtime.source = 'git' clones",
-                             default=DEFAULT_TVM_GIT_URL),
-    "runtime.git_ref": Field(is_str, "tag, branch or commit to build ('': the installed compiler's release tag)",
-                             default=""),
-    "runtime.allow_version_mismatch": Field(is_bool, "build from a TVM tree whose version is not the compiler's",
-                                            default=False),
-    "runtime.optimize": Field(is_choice(*RUNTIME_OPTIMIZE), "source builds: 'size' (-Os, LTO, section GC) or "
-                              "'speed' (-O2)", default="size"),
-    "runtime.rpc": Field(is_bool, "source builds: include TVM's RPC support (for tuning on the board)",
-                         default=False),
-    "runtime.backtrace": Field(is_bool, "source builds: include libbacktrace for symbolized error traces",
-                               default=False),
-    "install.prefix": Field(values.install_prefix, "install root on the device", default="/opt/tvmbundle"),
-    "service.listen": Field(values.listen_address, "address the inference service listens on",
-                            default="127.0.0.1:8470"),
-    "service.threads": Field(is_int(1, 1024), "inference threads",
-                             default=lambda v: v["host_machine.cores"]),
-    "service.user": Field(values.unix_user, "unprivileged user the service runs as", default="tvmbundle"),
-    "service.environment": Field(values.environment, "extra environment of the service", default={}),
-    "model.input_shapes": Field(is_shapes, "fixed shapes for inputs with dynamic dims", default={}),
-    "model.seed": Field(is_int(0, 2**32 - 1), "seed of the selftest inputs", default=0),
-    "model.rtol": Field(is_float, "relative tolerance of the selftest", default=1e-3),
-    "model.atol": Field(is_float, "absolute tolerance of the selftest", default=1e-4),
-    "tune.trials": Field(is_int(1, 1_000_000), "candidates `tvmbundle tune` measures in all (MetaSchedule trials)",
-                         default=64),
-    "tune.time_limit": Field(is_float, "seconds `tvmbundle tune` may run (0: no limit)", default=0),
-    "verify.qemu": Field(is_str, "qemu-user binary that runs the board's programs ('' runs natively)",
-                         default=_default_qemu),
-    "verify.ld_prefix": Field(is_str, "where qemu finds the board's dynamic loader and libraries (qemu -L)",
-                              default=_default_ld_prefix),
-}
-# Tables whose keys are free (checked by their own Field), so they are leaves of the key tree.
-_LEAF_TABLES = {"tvm.target", "service.environment", "model.input_shapes"}
-SECTIONS = sorted({k.split(".")[0] for k in SCHEMA if "." in k} | {"tvm"})
+# --- the schema: each section's dataclass declares its keys ----------------------------------
+
+def _pairs(table: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(table.items()))
 
 
-def host_cpu_family() -> str:
-    m = os.uname().machine
-    return {"amd64": "x86_64", "arm64": "aarch64", "armv7l": "arm"}.get(m, m)
+def _shapes(table: Mapping[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple(sorted((k, tuple(v)) for k, v in table.items()))
 
 
-# --- the resolved recipe ------------------------------------------------------------------
+def _target(table: Mapping[str, Any]) -> Mapping[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
 
-@dataclass(frozen=True)
+
+def _with_base_libs(libs: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys([*BASE_LIBS, *libs]))
+
+
+def _is_target(v: Any) -> str | None:
+    return None if isinstance(v, dict) else f"expected a table, got {_show(v)}"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Board:
-    name: str            # the recipe's name, e.g. "rpi4"
-    title: str           # board.name
-    vendor: str
-    url: str
-    os: str
+    """[board]: what the board is (its recipe file's stem is its name)."""
+
+    name: str = ""                                                    # the recipe's file stem, not a key
+    title: str = key(is_nonempty_str, "the board's full name", required=True, toml="name")
+    vendor: str = key(is_str, "who makes the board", "")
+    url: str = key(is_str, "where to read about the board", "")
+    os: str = key(is_str, "the operating system the glibc floor refers to", "")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Machine:
-    system: str
-    cpu_family: str
-    cpu: str
-    triple: str
-    glibc: str
-    glibcxx: str | None
-    float_abi: str | None
-    cores: int
-    base_libs: tuple[str, ...]
+    """[host_machine]: the board as meson's cross files name it."""
+
+    system: str = key(is_choice("linux"), "the board's kernel", "linux")
+    cpu_family: str = key(is_choice(*cpu.FAMILIES), "CPU family", required=True)
+    cpu: str = key(is_nonempty_str, "CPU model, e.g. cortex-a72", required=True)
+    triple: str = key(is_nonempty_str, "GNU target triple", required=True)
+    glibc: str = key(is_version, "oldest glibc of the board's OS", required=True)
+    glibcxx: str | None = key(is_version, "oldest libstdc++ (GLIBCXX_) version of the board's OS")
+    float_abi: str | None = key(is_choice("hard", "soft", "double", "single"),
+                                "float ABI of the OS (arm: hard/soft; riscv: double/single/soft)")
+    cores: int = key(is_int(1, 1024), "CPU cores", 1)
+    base_libs: tuple[str, ...] = key(is_str_list, "extra shared libraries the board's base system provides", [],
+                                     coerce=_with_base_libs)
 
     @property
     def elf_machine(self) -> str:
@@ -267,66 +228,175 @@ class Machine:
         return cpu.FAMILIES[self.cpu_family].bits
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ToolchainSpec:
-    prefix: str | None
-    cc: str
-    cxx: str
-    sysroot: str
-    cflags: tuple[str, ...]
-    ldflags: tuple[str, ...]
-    debian_packages: tuple[str, ...]
-    yocto_sdk: str = ""
+    """[toolchain]: the cross compilers and where the board's libraries are."""
+
+    prefix: str | None = key(is_str, "prefix of the cross tools (PREFIXgcc, PREFIXg++, PREFIXstrip)",
+                             _default_prefix)
+    cc: str = key(is_nonempty_str, "C compiler, a name on PATH or a path")
+    cxx: str = key(is_nonempty_str, "C++ compiler, a name on PATH or a path")
+    sysroot: str = key(is_str, "--sysroot for the compiler ('': the compiler's built-in paths, right for "
+                               "Debian's cross g++)", "")
+    cflags: tuple[str, ...] = key(is_str_list, "extra compile flags", [], coerce=tuple)
+    ldflags: tuple[str, ...] = key(is_str_list, "extra link flags", [], coerce=tuple)
+    debian_packages: tuple[str, ...] = key(is_str_list, "Debian packages that provide the toolchain", [],
+                                           coerce=tuple)
+    yocto_sdk: str = key(is_str, "a Yocto SDK's environment-setup-* script: CC, CXX, the sysroot and flags are "
+                                 "read from it ('' : none)", "")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class TvmSpec:
+    """[tvm]: what TVM compiles the model for."""
+
+    target: Mapping[str, Any] = key(_is_target, "TVM target, passed to tvm.target.Target as a dict",
+                                    required=True, leaf=True, coerce=_target)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RuntimeSpec:
-    source: str                 # "wheel", "git" or a path
-    platform: str | None
-    git_url: str = DEFAULT_TVM_GIT_URL
-    git_ref: str = ""
-    allow_version_mismatch: bool = False
-    optimize: str = "size"
-    rpc: bool = False
-    backtrace: bool = False
+    """[runtime]: where the board's TVM runtime comes from."""
+
+    source: str = key(is_runtime_source, "where the TVM runtime comes from: 'wheel' (PyPI), 'git' (TVM's "
+                      "repository at the compiler's version) or the path of a TVM source tree",
+                      _default_runtime_source)
+    platform: str | None = key(is_nonempty_str, "wheel platform tag for runtime.source = 'wheel'",
+                               _default_platform)
+    git_url: str = key(is_nonempty_str, "repository runtime.source = 'git' clones", DEFAULT_TVM_GIT_URL)
+    git_ref: str = key(is_str, "tag, branch or commit to build ('': the installed compiler's release tag)", "")
+    allow_version_mismatch: bool = key(is_bool, "build from a TVM tree whose version is not the compiler's", False)
+    optimize: str = key(is_choice(*RUNTIME_OPTIMIZE), "source builds: 'size' (-Os, LTO, section GC) or "
+                        "'speed' (-O2)", "size")
+    rpc: bool = key(is_bool, "source builds: include TVM's RPC support (for tuning on the board)", False)
+    backtrace: bool = key(is_bool, "source builds: include libbacktrace for symbolized error traces", False)
 
     @property
     def from_source(self) -> bool:
         return self.source != "wheel"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class InstallSpec:
+    """[install]: where bundles live on the device."""
+
+    prefix: str = key(values.install_prefix, "install root on the device", "/opt/tvmbundle")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServiceSpec:
-    listen: str
-    threads: int
-    user: str
-    environment: tuple[tuple[str, str], ...]
+    """[service]: the inference service's unit."""
+
+    listen: str = key(values.listen_address, "address the inference service listens on", "127.0.0.1:8470")
+    threads: int = key(is_int(1, 1024), "inference threads", lambda v: v["host_machine.cores"])
+    user: str = key(values.unix_user, "unprivileged user the service runs as", "tvmbundle")
+    environment: tuple[tuple[str, str], ...] = key(values.environment, "extra environment of the service", {},
+                                                   leaf=True, coerce=_pairs)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
-    input_shapes: tuple[tuple[str, tuple[int, ...]], ...]
-    seed: int
-    rtol: float
-    atol: float
+    """[model]: defaults for models built for this board."""
+
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = key(
+        is_shapes, "fixed shapes for inputs with dynamic dims", {}, leaf=True, coerce=_shapes)
+    seed: int = key(is_int(0, 2**32 - 1), "seed of the selftest inputs", 0)
+    rtol: float = key(is_float, "relative tolerance of the selftest", 1e-3, coerce=float)
+    atol: float = key(is_float, "absolute tolerance of the selftest", 1e-4, coerce=float)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneSpec:
+    """[tune]: defaults of `tvmbundle tune`."""
+
+    trials: int = key(is_int(1, 1_000_000), "candidates `tvmbundle tune` measures in all (MetaSchedule trials)",
+                      64)
+    time_limit: float = key(is_float, "seconds `tvmbundle tune` may run (0: no limit)", 0, coerce=float)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifySpec:
+    """[verify]: how this machine runs the board's programs."""
+
+    qemu: str = key(is_str, "qemu-user binary that runs the board's programs ('' runs natively)", _default_qemu)
+    ld_prefix: str = key(is_str, "where qemu finds the board's dynamic loader and libraries (qemu -L)",
+                         _default_ld_prefix)
+
+
+# Section name -> its dataclass, in the order values are resolved (derived defaults read earlier ones).
+SECTIONS: dict[str, type] = {"board": Board, "host_machine": Machine, "toolchain": ToolchainSpec, "tvm": TvmSpec,
+                             "runtime": RuntimeSpec, "install": InstallSpec, "service": ServiceSpec,
+                             "model": ModelSpec, "tune": TuneSpec, "verify": VerifySpec}
+
+
+def _keys(cls: type) -> Iterator[tuple[str, str, Field]]:
+    """(attribute, TOML key, Field) of a section's declared keys."""
+    for f in dataclass_fields(cls):
+        spec = f.metadata.get("recipe")
+        if spec is not None:
+            yield f.name, spec.key or f.name, spec
+
+
+SCHEMA: dict[str, Field] = {
+    "format": Field(is_int(1, 1), "recipe schema version", required=True),
+    "extends": Field(is_nonempty_str, "a recipe this one builds on (its values are overridden here)"),
+    **{f"{section}.{toml}": spec for section, cls in SECTIONS.items() for _, toml, spec in _keys(cls)},
+}
+# Tables whose keys are free (checked by their own Field), so they are leaves of the key tree.
+_LEAF_TABLES = {k for k, spec in SCHEMA.items() if spec.leaf}
+SECTION_NAMES = sorted(SECTIONS)
+
+
+def _section(section: str, values: Mapping[str, Any], **extra: Any) -> Any:
+    cls = SECTIONS[section]
+    kwargs = {}
+    for attr, toml, spec in _keys(cls):
+        v = values[f"{section}.{toml}"]
+        kwargs[attr] = spec.coerce(v) if spec.coerce is not None and v is not None else v
+    return cls(**kwargs, **extra)
+
+
+def host_cpu_family() -> str:
+    m = os.uname().machine
+    return {"amd64": "x86_64", "arm64": "aarch64", "armv7l": "arm"}.get(m, m)
 
 
 @dataclass(frozen=True)
 class Recipe:
+    """A resolved recipe: one instance of each section's dataclass, and where each value came from."""
+
     path: Path
     board: Board
-    machine: Machine
+    machine: Machine                              # [host_machine]
     toolchain: ToolchainSpec
-    target: Mapping[str, Any]
+    tvm: TvmSpec
     runtime: RuntimeSpec
-    install_prefix: str
+    install: InstallSpec
     service: ServiceSpec
     model: ModelSpec
-    qemu: str                                     # "" when the board runs natively here
-    ld_prefix: str                                # qemu -L: the board's loader and libraries
+    tune: TuneSpec
+    verify: VerifySpec
     origins: Mapping[str, str] = field(repr=False)  # dotted key -> file that set it, "default" or "derived"
     values: Mapping[str, Any] = field(repr=False)   # dotted key -> resolved value (for `show`)
     chain: tuple[Path, ...] = ()                  # this recipe and those it extends, nearest first
+
+    @property
+    def target(self) -> Mapping[str, Any]:
+        return self.tvm.target
+
+    @property
+    def install_prefix(self) -> str:
+        return self.install.prefix
+
+    @property
+    def qemu(self) -> str:
+        """The qemu-user binary for the board's programs; "" when the board runs natively here."""
+        return self.verify.qemu
+
+    @property
+    def ld_prefix(self) -> str:
+        """qemu -L: where the board's loader and libraries are."""
+        return self.verify.ld_prefix
 
     @property
     def name(self) -> str:
@@ -578,36 +648,7 @@ def _resolve(path: Path, raw: dict[str, Any], origins: dict[str, str], chain: tu
     if origins["toolchain.cxx"] == "default":
         origins["toolchain.cxx"] = "derived"
 
-    frozen_target = {k: tuple(v) if isinstance(v, list) else v for k, v in target.items()}
-    return Recipe(
-        path=path,
-        board=Board(name=path.stem, title=values["board.name"], vendor=values["board.vendor"],
-                    url=values["board.url"], os=values["board.os"]),
-        machine=Machine(
-            system=values["host_machine.system"], cpu_family=family, cpu=values["host_machine.cpu"],
-            triple=triple, glibc=values["host_machine.glibc"], glibcxx=values["host_machine.glibcxx"],
-            float_abi=values["host_machine.float_abi"], cores=values["host_machine.cores"],
-            base_libs=tuple(dict.fromkeys([*BASE_LIBS, *values["host_machine.base_libs"]]))),
-        toolchain=ToolchainSpec(
-            prefix=prefix, cc=cc, cxx=cxx, sysroot=values["toolchain.sysroot"],
-            cflags=tuple(values["toolchain.cflags"]), ldflags=tuple(values["toolchain.ldflags"]),
-            debian_packages=tuple(values["toolchain.debian_packages"]), yocto_sdk=values["toolchain.yocto_sdk"]),
-        target=frozen_target,
-        runtime=RuntimeSpec(source=values["runtime.source"], platform=values["runtime.platform"],
-                            git_url=values["runtime.git_url"], git_ref=values["runtime.git_ref"],
-                            allow_version_mismatch=values["runtime.allow_version_mismatch"],
-                            optimize=values["runtime.optimize"], rpc=values["runtime.rpc"],
-                            backtrace=values["runtime.backtrace"]),
-        install_prefix=values["install.prefix"],
-        service=ServiceSpec(listen=values["service.listen"], threads=values["service.threads"],
-                            user=values["service.user"],
-                            environment=tuple(sorted(values["service.environment"].items()))),
-        model=ModelSpec(input_shapes=tuple(sorted((k, tuple(v)) for k, v in values["model.input_shapes"].items())),
-                        seed=values["model.seed"], rtol=float(values["model.rtol"]),
-                        atol=float(values["model.atol"])),
-        qemu=values["verify.qemu"],
-        ld_prefix=values["verify.ld_prefix"],
-        origins=dict(origins),
-        values=values,
-        chain=chain,
-    )
+    sections = {name: _section(name, values, **({"name": path.stem} if name == "board" else {}))
+                for name in SECTIONS}
+    return Recipe(path=path, **{("machine" if n == "host_machine" else n): s for n, s in sections.items()},
+                  origins=dict(origins), values=values, chain=chain)
