@@ -201,3 +201,23 @@ def test_archive_rules_are_the_same_on_debians_python(tmp_path):
     assert res.stdout.strip() == (f"{path}: member 'top/../../escape': absolute paths, '..' and empty names are "
                                   "not allowed; every member must stay inside the archive"), res.stderr
     assert sys.version_info >= (3, 10)
+
+
+def test_bundle_format_doc_describes_every_field():
+    import dataclasses
+    import typing
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "bundle-format.md").read_text()
+
+    def names(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            t = hints[f.name]
+            inner = typing.get_args(t)[0] if typing.get_origin(t) is tuple else t
+            if dataclasses.is_dataclass(inner) and inner.__name__ != "Tensor":
+                yield from names(inner, f"{prefix}{f.name}{'[]' if inner is not t else ''}.")
+            else:
+                yield f"{prefix}{f.name}"
+
+    missing = [n for n in names(Manifest) if f"`{n}`" not in doc]
+    assert not missing, f"docs/bundle-format.md does not describe {missing}"
