@@ -337,10 +337,10 @@ def test_cache_list_and_prune(run_cli, model_dir, tmp_path, monkeypatch):
     code, out, _ = run_cli("cache", "list")
     assert code == 0
     kinds = {l.split()[0] for l in out.splitlines()[2:] if l.strip() and not l.startswith("total")}
-    assert {"runtime", "harness", "model", "vectors", "bundle"} <= kinds
+    assert {"prepared", "runtime", "harness", "model", "vectors", "bundle"} <= kinds
     code, out, _ = run_cli("cache", "prune", "--kind", "model")
     assert code == 0 and "removed 1 entries" in out
-    assert {e.kind for e in cache.entries()} == {"runtime", "harness", "vectors", "bundle"}
+    assert {e.kind for e in cache.entries()} == {"prepared", "runtime", "harness", "vectors", "bundle"}
     # the model is compiled again, nothing else is
     code, res, err = make(run_cli, "x86_64", model_dir / "convnet.onnx", tmp_path / "d", "--no-verify")
     assert code == 0, err

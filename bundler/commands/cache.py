@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     s = subparsers.add_parser("cache", help="show or trim the build cache")
     s.add_argument("action", choices=["list", "prune"])
     s.add_argument("--older-than", type=float, metavar="DAYS", help="prune: only entries older than DAYS")
-    s.add_argument("--kind", help="prune: only entries of this kind (runtime, tvm-source, harness, model, vectors, bundle)")
+    s.add_argument("--kind", help="prune: only entries of this kind (prepared, runtime, tvm-source, harness, model, vectors, bundle, verified, tuning)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=run)
 
