@@ -22,6 +22,7 @@ from bundler.compile.pipeline import board_target
 from bundler.config import recipe as recipe_mod
 from bundler.errors import UserError, one_of
 from bundler.package import bundle as bundle_mod
+from bundler.package import signing
 from bundler.package.debian import build_deb
 from bundler.package.manifest import FORMAT, MANIFEST, Manifest
 from bundler.package.verifier import Report, verify
@@ -64,7 +65,7 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
          out_dir: Path | str = "dist", fmt: str = "tar", run_verify: bool = True,
          progress: Progress | None = None, runtime_source: str | None = None,
          allow_runtime_mismatch: bool | None = None, tuned: bool | Path | str = True,
-         reverify: bool = False) -> MakeResult:
+         reverify: bool = False, sign: Path | str | None = None) -> MakeResult:
     """Build a verified bundle of ``model`` for ``board``; returns where it was written.
 
     ``tuned``: True applies the database `tvmbundle tune` wrote for this model, board target and
@@ -74,7 +75,8 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
     ``allow_runtime_mismatch`` its runtime.allow_version_mismatch.
 
     A bundle verified before for this board (same bytes, qemu and sysroot) is not verified
-    again unless ``reverify``.
+    again unless ``reverify``. ``sign`` (a private OpenSSH key) signs the bundle's manifest; verify
+    then checks the signature against ``KEY.pub`` when it is there.
     """
     progress = progress or Progress(quiet=True)
     if fmt not in bundle_mod.FORMATS:
@@ -147,9 +149,16 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
             overlay = build_deb(staging, manifest, out_dir, epoch, Path(tmp))
         s.done(cached=entry.hit, detail=str(overlay or out))
 
+    trust: list[Path] = []
+    if sign is not None:
+        with progress.step(f"sign {out.name} with {Path(sign).name}") as s:
+            signing.sign(out, Path(sign))
+            pub = Path(f"{sign}.pub")
+            trust = [pub] if pub.is_file() else []
+            s.done()
     report = None
     if run_verify:
-        report = verify(out, board=r, progress=progress, reverify=reverify)
+        report = verify(out, board=r, progress=progress, reverify=reverify, trust=trust)
     return MakeResult(out, bid, manifest, list(progress.steps), report, overlay)
 
 
@@ -220,14 +229,26 @@ def _manifest(r: recipe_mod.Recipe, name: str, model: Path, prepared: prepared_m
     }
 
 
-def tune(board, model: Path | str, *, input_shapes=None, trials: int | None = None, time_limit: float | None = None,
-        host: str | None = None, rpc_addr: str | None = None, tracker: str | None = None, key: str | None = None,
-        emulate: bool = False, ssh_options: dict[str, Any] | None = None, progress=None) -> tuning.TuneResult:
+def tune(board, model: Path | str | None, *, input_shapes=None, trials: int | None = None,
+        time_limit: float | None = None, host: str | None = None, rpc_addr: str | None = None,
+        tracker: str | None = None, key: str | None = None, emulate: bool = False,
+        ssh_options: dict[str, Any] | None = None, progress=None, import_file: Path | str | None = None,
+        export_file: Path | str | None = None) -> tuning.TuneResult:
     """`tvmbundle tune`: prepare the model as `make` does, then tune it for the board, measuring
     locally (native board), on a device over SSH (``host``), on a running server (``rpc_addr``),
-    through a tracker (``tracker``/``key``) or under qemu-user here (``emulate``)."""
+    through a tracker (``tracker``/``key``) or under qemu-user here (``emulate``).
+
+    The records go to the board target's database, shared by every model. ``import_file`` merges
+    records exported elsewhere into it first; ``export_file`` writes it out at the end (both work
+    without a model)."""
+    import dataclasses
+
     progress = progress or Progress(quiet=True)
     r = load_recipe(board)
+    if model is None:
+        if not (import_file or export_file):
+            raise UserError("give --model (the model to tune), or --import/--export to move tuning records")
+        return _tune_records(r, import_file, export_file, progress, tuning.TuneResult(None, 0, 0, 0, 0.0, "no model"))
     model = Path(model)
     trials = trials if trials is not None else r.values.get("tune.trials", 64)
     time_limit = time_limit if time_limit is not None else r.values.get("tune.time_limit", 0)
@@ -243,6 +264,8 @@ def tune(board, model: Path | str, *, input_shapes=None, trials: int | None = No
         model_id = prepared.model_id
         s.done(cached=prepared.cached)
     key = key or rpc.DEFAULT_KEY
+    imported = _tune_records(r, import_file, None, progress, tuning.TuneResult(None, 0, 0, 0, 0.0, "")).imported \
+        if import_file else 0
     with contextlib.ExitStack() as stack:
         endpoint = None
         if emulate:
@@ -272,8 +295,33 @@ def tune(board, model: Path | str, *, input_shapes=None, trials: int | None = No
                 s.update(f"measured {done}/{total}", min(1.0, done / total))
             result = tuning.tune(r, prepared, model_id, model, versions, trials=trials, timeout=time_limit or 0,
                           runner=runner, builder=builder, runner_name=where, on_progress=report)
-            db = result.database
-            s.done(detail=f"{result.measured} new, {result.previously} before ({result.stopped}); "
-                          f"{db.records if db else 0} records for {db.workloads if db else 0} of "
-                          f"{result.tasks} kernels")
+            s.done(detail=f"{result.measured} new in {result.seconds:.0f} s ({result.trials_per_minute:g} "
+                          f"trials/min, {result.stopped}), {result.previously} before; measured "
+                          f"{result.kernels_measured} of {result.tasks} kernels, {result.kernels_skipped} "
+                          f"had their share already")
+    if imported:
+        result = dataclasses.replace(result, imported=imported)
+    return _tune_records(r, None, export_file, progress, result) if export_file else result
+
+
+def _tune_records(r: recipe_mod.Recipe, import_file, export_file, progress, result):
+    """`tune --import/--export`: merge a records file into the board target's database, or write it out."""
+    import dataclasses
+
+    target, versions = board_target(r), runtime.compiler_versions()
+    store = tuning.open_store(target, versions)
+    if import_file:
+        with progress.step(f"import tuning records from {Path(import_file).name}") as s:
+            if not Path(import_file).is_file():
+                raise UserError(f"--import: {import_file}: no such file")
+            added, dupes = tuning.import_records(store, Path(import_file), target, versions)
+            s.done(detail=f"{added} new, {dupes} already there")
+        result = dataclasses.replace(result, imported=added)
+    if export_file:
+        with progress.step(f"export the {r.name} tuning records to {export_file}") as s:
+            n = tuning.export_records(store, Path(export_file), target, versions)
+            s.done(detail=f"{n} records")
+        result = dataclasses.replace(result, exported=n)
+    if result.database is None:
+        result = dataclasses.replace(result, database=tuning.open_database(store.path))
     return result

@@ -18,9 +18,10 @@ from bundler.commands import (
                               rollback,
                               rollout,
                               show,
+                              sign,
                               status,
                               tune,
                               verify,
 )
 
-COMMANDS = (boards, show, doctor, make, tune, bench, verify, deploy, status, rollback, rollout, cache, export)
+COMMANDS = (boards, show, doctor, make, tune, bench, verify, sign, deploy, status, rollback, rollout, cache, export)

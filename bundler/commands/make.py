@@ -25,6 +25,8 @@ def register(subparsers) -> None:
                    help="tar (the bundle); overlay (also a rootfs overlay tree and its tarball for image builds); "
                         "deb (also a Debian package)")
     s.add_argument("--no-verify", action="store_true", help="skip the verification at the end")
+    s.add_argument("--sign", metavar="KEY", help="sign the bundle's manifest with this OpenSSH private key "
+                                                 "(devices that trust KEY.pub accept it)")
     s.add_argument("--reverify", action="store_true",
                    help="verify even a bundle that was verified for this board before (same bytes, qemu, sysroot)")
     s.add_argument("--bench", action="store_true",
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                       runtime_source=args.runtime_source,
                       allow_runtime_mismatch=True if args.allow_runtime_mismatch else None,
                       tuned=False if args.no_tuning else (Path(args.tuning_db) if args.tuning_db else True),
-                      reverify=args.reverify)
+                      reverify=args.reverify, sign=Path(args.sign) if args.sign else None)
     report = None
     if args.bench:
         with progress.step(f"benchmark {result.bundle.name} here") as s:

@@ -8,6 +8,7 @@ or time, and nothing inside names a path of the build machine.
 
 from __future__ import annotations
 
+import calendar
 import gzip
 import hashlib
 import io
@@ -15,6 +16,7 @@ import json
 import os
 import shutil
 import tarfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,14 @@ from bundler.package.service import UNIT, render_unit
 
 DEFAULT_EPOCH = 315532800  # 1980-01-01T00:00:00Z, the oldest time zip (and so wheels) can store
 FORMATS = ("tar", "overlay", "deb")
+
+
+def epoch_of(manifest: Manifest) -> int:
+    """The SOURCE_DATE_EPOCH a bundle was made with, from its manifest's ``created``."""
+    try:
+        return calendar.timegm(time.strptime(manifest.created, "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return DEFAULT_EPOCH
 
 
 def source_date_epoch() -> int:

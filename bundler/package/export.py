@@ -13,16 +13,13 @@ replaced.
 
 from __future__ import annotations
 
-import calendar
 import os
 import re
 import shutil
 import tempfile
 import textwrap
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from bundler import cache
 from bundler.config import cpu
@@ -116,7 +113,7 @@ class _Info:
         family = manifest.board.cpu_family
         if family not in cpu.FAMILIES:
             raise ExportError(f"{origin}: board.cpu_family: {family!r} is not allowed; expected {one_of(cpu.FAMILIES)}")
-        epoch = _epoch(manifest.created)
+        epoch = bundle_mod.epoch_of(manifest)
         name = re.sub(r"[^a-z0-9]+", "-", manifest.name.lower()).strip("-") or "model"
         return cls(manifest, bundle.name, top, cache.sha256_file(bundle), f"tvmbundle-{name}",
                    package_version(manifest, epoch), epoch, manifest.bundle_id,
@@ -139,13 +136,6 @@ class _Info:
         return (f"{m.name} for {board}, compiled with apache-tvm "
                 f"{m.compiler.get('apache-tvm', '?')}: bundle {self.bundle_id[:12]}, its TVM runtime "
                 f"and the tvm-deploy inference service ({UNIT}, listening on {m.service.listen}).")
-
-
-def _epoch(created: Any) -> int:
-    try:
-        return calendar.timegm(time.strptime(str(created), "%Y-%m-%dT%H:%M:%SZ"))
-    except ValueError:
-        return bundle_mod.DEFAULT_EPOCH
 
 
 _EXPECTED = "expected a bundle tarball written by `tvmbundle make` (NAME-BOARD-ID8.tar.gz)"

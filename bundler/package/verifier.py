@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from bundler.config import cpu
 from bundler.config import recipe as recipe_mod
 from bundler.errors import UserError, VerifyError, one_of
 from bundler.package import bundle as bundle_mod
+from bundler.package import signing
 from bundler.package.manifest import MANIFEST, Manifest
 from bundler.package.service import UNIT, render_unit
 from bundler.progress import Progress
@@ -104,18 +105,20 @@ def board_for(manifest: Manifest, board: str | recipe_mod.Recipe | None) -> Boar
 
 
 def verify(bundle_path: Path | str, *, board: str | recipe_mod.Recipe | None = None, run: bool = True,
-           progress: Progress | None = None, reverify: bool = False) -> Report:
+           progress: Progress | None = None, reverify: bool = False, trust: Sequence[Path] = ()) -> Report:
     """Verify a bundle tarball; raises VerifyError listing every problem found.
 
     A bundle whose exact bytes passed every check (selftest included) for the same board facts,
     qemu and sysroot is not checked again unless ``reverify``: the record is a cache entry.
+
+    With ``trust`` (public key files), the manifest must carry a valid signature by one of them.
     """
     progress = progress or Progress(quiet=True)
     bundle_path = Path(bundle_path)
     if not bundle_path.is_file():
         raise UserError(f"bundle not found: {bundle_path}")
     record = None
-    if run and isinstance(board, recipe_mod.Recipe):
+    if run and isinstance(board, recipe_mod.Recipe) and not trust:
         # Only a recipe gives the board facts without unpacking: verify BUNDLE re-checks by default.
         facts = BoardFacts.from_recipe(board)
         record = _record_key(bundle_path, facts)
@@ -133,6 +136,9 @@ def verify(bundle_path: Path | str, *, board: str | recipe_mod.Recipe | None = N
         manifest = bundle_mod.load_manifest(top, str(bundle_path))
         facts = board_for(manifest, board)
         report = Report(str(bundle_path), facts.name)
+        if trust:
+            signer = signing.check_release(top, trust, str(bundle_path))   # before anything else is read
+            report.add("signature", [], f"signed by {signer.fingerprint} ({signer.key})")
         with progress.step(f"check files of {bundle_path.name}") as s:
             report.add("files", check_files(top, manifest))
             report.add("elf", check_elves(top, facts))
@@ -187,7 +193,7 @@ def check_files(top: Path, manifest: Manifest) -> list[str]:
             problems.append(f"{rel}: mode {mode} differs from the manifest's {entry.mode}")
     for p in sorted(top.rglob("*")):
         rel = p.relative_to(top).as_posix()
-        if p.is_file() and rel != bundle_mod.MANIFEST and rel not in listed:
+        if p.is_file() and rel not in (bundle_mod.MANIFEST, signing.SIGNATURE) and rel not in listed:
             problems.append(f"{rel}: present but not listed in the manifest")
     return problems
 
