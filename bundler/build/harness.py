@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import importlib.util
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from bundler import cache, proc
+from bundler.errors import UserError
 from bundler.build.runtime import Runtime
 from bundler.build.toolchain import Toolchain, cmake, ninja
 
@@ -16,9 +18,15 @@ BINARY = "tvm-deploy"
 
 
 def ffi_include_dir() -> Path:
-    import tvm_ffi.libinfo
-
-    return Path(tvm_ffi.libinfo.find_include_path())
+    """tvm-ffi's headers in the installed package, found without importing it: importing tvm_ffi
+    imports torch when torch is installed (eight seconds here), and a warm make has no use for it."""
+    spec = importlib.util.find_spec("tvm_ffi")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        include = Path(location) / "include"
+        if (include / "tvm" / "ffi").is_dir():
+            return include
+    raise UserError("the tvm-ffi headers are missing from the installed apache-tvm-ffi package",
+                    hint="pip install --force-reinstall 'apache-tvm-ffi>=0.1.14,<0.1.15'")
 
 
 @dataclass(frozen=True)
