@@ -208,3 +208,226 @@ def resnet18(path: Path, batch: int | str = 1, size: int = 224, seed: int = 0) -
                           [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 1000])], inits)
     return _save(g, path)
+
+
+# --- what sequence-model exporters leave: If on shapes, LSTM / GRU / RNN ----------------------
+
+def _save_at(graph: onnx.GraphProto, path: Path, opset: int) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="tvmbundle-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=False)
+    path = Path(path)
+    onnx.save(model, str(path))
+    return path
+
+
+def _i64(name: str, value) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value, dtype=np.int64), name)
+
+
+def _const(name: str, value, dtype=np.int64) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], name=f"const_{name}",
+                            value=numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+
+
+def shape_if(path: Path, seed: int = 5) -> Path:
+    """What torch.jit.script exports for ``if x.shape[1] > 4``: an If on Shape -> Gather -> Greater.
+    Input "x" ["N", "L"] -> "y" ["N", "M"] (y = relu(x[:, :4] * w) * 2 when L > 4 else (x + 1) * 2) and
+    "z" ["N", "L"] (z = x when L > 4, else -x).
+
+    The then branch has its own initializer (w), Constant nodes and a nested If on its own shapes.
+    A value of the branch ("scaled") has the name of a main-graph value defined after the If (which
+    the checker allows), and the nested If reads it from the branch's scope."""
+    rng = np.random.default_rng(seed)
+    vi = helper.make_tensor_value_info
+    w = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "w")
+    nested_then = helper.make_graph([helper.make_node("Relu", ["scaled"], ["relu_out"], name="nested_relu")],
+                                    "nested_then", [], [vi("relu_out", TensorProto.FLOAT, None)])
+    nested_else = helper.make_graph([helper.make_node("Neg", ["scaled"], ["neg_out"], name="nested_neg")],
+                                    "nested_else", [], [vi("neg_out", TensorProto.FLOAT, None)])
+    then_branch = helper.make_graph([
+        _const("starts", [0]), _const("ends", [4]), _const("axes", [1]),
+        helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["sliced"], name="slice"),
+        helper.make_node("Mul", ["sliced", "w"], ["scaled"], name="mul_w"),
+        helper.make_node("Shape", ["scaled"], ["then_shape"], name="then_shape"),
+        helper.make_node("ReduceProd", ["then_shape"], ["then_numel"], name="then_numel", keepdims=0),
+        _const("limit", 1_000_000),
+        helper.make_node("Less", ["then_numel", "limit"], ["small"], name="small"),
+        helper.make_node("If", ["small"], ["nested_out"], name="nested_if",
+                         then_branch=nested_then, else_branch=nested_else),
+        helper.make_node("Identity", ["x"], ["same_x"], name="same_x")],
+        "then", [], [vi("nested_out", TensorProto.FLOAT, None), vi("same_x", TensorProto.FLOAT, None)], [w])
+    else_branch = helper.make_graph([
+        helper.make_node("Add", ["x", "one"], ["plus_one"], name="add_one"),
+        helper.make_node("Neg", ["x"], ["neg_x"], name="neg_x")],
+        "else", [], [vi("plus_one", TensorProto.FLOAT, None), vi("neg_x", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(1.0, np.float32), "one")])
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        _const("index1", 1),
+        helper.make_node("Gather", ["shape", "index1"], ["len"], name="gather_len", axis=0),
+        _const("four", 4),
+        helper.make_node("Greater", ["len", "four"], ["long"], name="greater"),
+        helper.make_node("Cast", ["long"], ["cond"], name="cast_cond", to=TensorProto.BOOL),
+        helper.make_node("If", ["cond"], ["y_if", "z"], name="shape_if", then_branch=then_branch,
+                         else_branch=else_branch),
+        _const("two", 2.0, np.float32),
+        helper.make_node("Mul", ["y_if", "two"], ["scaled"], name="mul_two"),
+        helper.make_node("Identity", ["scaled"], ["y"], name="identity_y"),
+    ]
+    g = helper.make_graph(nodes, "shape_if", [vi("x", TensorProto.FLOAT, ["N", "L"])],
+                          [vi("y", TensorProto.FLOAT, ["N", "M"]), vi("z", TensorProto.FLOAT, ["N", "L"])])
+    return _save_at(g, path, OPSET)
+
+
+def if_with_loop(path: Path) -> Path:
+    """Two Ifs on the input's rank, whose taken branches both define a value "k" (sibling scopes may
+    share names; once both are inlined they may not). The second holds a Loop (3 iterations of
+    acc += x2 * k) whose body reads its branch's "k".
+    Input "x" [2, 3] -> "y" [2, 3] = x * 2 * 3 * 1.5 (then branches) or x (else)."""
+    vi = helper.make_tensor_value_info
+    body = helper.make_graph([
+        helper.make_node("Identity", ["cond_in"], ["cond_out"], name="loop_cond"),
+        helper.make_node("Mul", ["x2", "k"], ["xk"], name="loop_mul"),
+        helper.make_node("Add", ["acc_in", "xk"], ["acc_out"], name="loop_add")],
+        "body", [vi("i", TensorProto.INT64, []), vi("cond_in", TensorProto.BOOL, []),
+                 vi("acc_in", TensorProto.FLOAT, None)],
+        [vi("cond_out", TensorProto.BOOL, []), vi("acc_out", TensorProto.FLOAT, None)])
+    loop_then = helper.make_graph([
+        _const("k", 1.5, np.float32),
+        _const("trips", 3),
+        _const("keep_going", True, np.bool_),
+        helper.make_node("Mul", ["x2", "zero_f"], ["acc0"], name="acc0"),
+        helper.make_node("Loop", ["trips", "keep_going", "acc0"], ["acc"], name="sum_loop", body=body)],
+        "loop_then", [], [vi("acc", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(0.0, np.float32), "zero_f")])
+    double_then = helper.make_graph([_const("k", 2.0, np.float32),
+                                     helper.make_node("Mul", ["x", "k"], ["doubled"], name="double")],
+                                    "double_then", [], [vi("doubled", TensorProto.FLOAT, None)])
+
+    def same(name: str, of: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("Identity", [of], [name], name=name)], "else", [],
+                                 [vi(name, TensorProto.FLOAT, None)])
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Size", ["shape"], ["rank"], name="rank"),
+        _const("two", 2),
+        helper.make_node("Equal", ["rank", "two"], ["is_2d"], name="is_2d"),
+        helper.make_node("If", ["is_2d"], ["x2"], name="double_if", then_branch=double_then,
+                         else_branch=same("same_x", "x")),
+        helper.make_node("If", ["is_2d"], ["y"], name="loop_if", then_branch=loop_then,
+                         else_branch=same("same_x2", "x2")),
+    ]
+    g = helper.make_graph(nodes, "if_with_loop", [vi("x", TensorProto.FLOAT, [2, 3])],
+                          [vi("y", TensorProto.FLOAT, [2, 3])])
+    return _save_at(g, path, OPSET)
+
+
+def recurrent(path: Path, op: str = "LSTM", *, direction: str = "forward", batch: int = 1, seq: int = 5,
+              input_size: int = 6, hidden: int = 8, layout: int = 0, initial_states: bool = True,
+              bias: bool = True, seq_lens: str | list[int] | None = None, peepholes: bool = False,
+              linear_before_reset: int | None = None, activations: list[str] | None = None,
+              alphas: list[float] | None = None, betas: list[float] | None = None, clip: float | None = None,
+              input_forget: int | None = None, outputs: tuple[str, ...] = ("Y", "Y_h", "Y_c"),
+              opset: int = OPSET, seed: int = 6) -> Path:
+    """One ``op`` (LSTM, GRU or RNN) node with random weights; its sequence length is the symbolic dim
+    "T" of input "x" ([T, batch, input_size], or [batch, T, input_size] for layout 1).
+
+    ``initial_states``: inputs "h0" (and "c0" for LSTM) [D, batch, hidden] ([batch, D, hidden] for
+    layout 1). ``seq_lens``: "input" for an int32 input "lens" [batch], a list for a constant.
+    ``outputs``: which of Y, Y_h, Y_c the node has (the others are left empty), graph outputs
+    "y", "y_h", "y_c"."""
+    rng = np.random.default_rng(seed)
+    vi = helper.make_tensor_value_info
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    d = 2 if direction == "bidirectional" else 1
+    inits = [numpy_helper.from_array((rng.standard_normal((d, gates * hidden, input_size)) * 0.5).astype(np.float32),
+                                     "W"),
+             numpy_helper.from_array((rng.standard_normal((d, gates * hidden, hidden)) * 0.5).astype(np.float32),
+                                     "R")]
+    if bias:
+        inits.append(numpy_helper.from_array((rng.standard_normal((d, 2 * gates * hidden)) * 0.3)
+                                             .astype(np.float32), "B"))
+    x_dims = ["T", batch, input_size] if layout == 0 else [batch, "T", input_size]
+    state_dims = [d, batch, hidden] if layout == 0 else [batch, d, hidden]
+    inputs = [vi("x", TensorProto.FLOAT, x_dims)]
+    node_in = ["x", "W", "R", "B" if bias else ""]
+    if seq_lens == "input":
+        inputs.append(vi("lens", TensorProto.INT32, [batch]))
+        node_in.append("lens")
+    elif seq_lens is not None:
+        inits.append(numpy_helper.from_array(np.asarray(seq_lens, np.int32), "lens"))
+        node_in.append("lens")
+    else:
+        node_in.append("")
+    if initial_states:
+        inputs.append(vi("h0", TensorProto.FLOAT, state_dims))
+        node_in.append("h0")
+        if op == "LSTM":
+            inputs.append(vi("c0", TensorProto.FLOAT, state_dims))
+            node_in.append("c0")
+    elif op == "LSTM":
+        node_in += ["", ""]
+    if peepholes:
+        inits.append(numpy_helper.from_array((rng.standard_normal((d, 3 * hidden)) * 0.5).astype(np.float32), "P"))
+        node_in += [""] * (7 - len(node_in)) + ["P"]
+    while node_in and not node_in[-1]:
+        node_in.pop()
+    attrs: dict = {"hidden_size": hidden, "direction": direction}
+    if layout:
+        attrs["layout"] = layout
+    for key, value in (("linear_before_reset", linear_before_reset), ("activations", activations),
+                       ("activation_alpha", alphas), ("activation_beta", betas), ("clip", clip),
+                       ("input_forget", input_forget)):
+        if value is not None:
+            attrs[key] = value
+    names = {"Y": "y", "Y_h": "y_h", "Y_c": "y_c"}
+    slots = ["Y", "Y_h", "Y_c"] if op == "LSTM" else ["Y", "Y_h"]
+    node_out = [names[s] if s in outputs else "" for s in slots]
+    while node_out and not node_out[-1]:
+        node_out.pop()
+    y_dims = ["T", d, batch, hidden] if layout == 0 else [batch, "T", d, hidden]
+    graph_out = [vi(names[s], TensorProto.FLOAT, y_dims if s == "Y" else state_dims) for s in slots if s in outputs]
+    node = helper.make_node(op, node_in, node_out, name=f"{op.lower()}_1", **attrs)
+    g = helper.make_graph([node], f"{op.lower()}_model", inputs, graph_out, inits)
+    return _save_at(g, path, opset)
+
+
+def streaming_lstm(path: Path, features: int = 10, hidden: int = 12, classes: int = 4, seed: int = 7) -> Path:
+    """What torch.onnx exports for a streaming keyword spotter (batch_first LSTM carrying its state
+    between calls, then a Linear): Transpose -> LSTM -> Squeeze -> Transpose -> MatMul -> Add, with the
+    frame count a symbolic dim and the Shape -> Gather -> Concat -> Reshape of ``y.reshape(B, T, -1)``.
+    Inputs "frames" [1, "T", features], "h_in" and "c_in" [1, 1, hidden] -> "logits" [1, "T", classes],
+    "h_out", "c_out" [1, 1, hidden]."""
+    rng = np.random.default_rng(seed)
+    vi = helper.make_tensor_value_info
+    h = hidden
+    inits = [numpy_helper.from_array((rng.standard_normal((1, 4 * h, features)) * 0.4).astype(np.float32), "W"),
+             numpy_helper.from_array((rng.standard_normal((1, 4 * h, h)) * 0.4).astype(np.float32), "R"),
+             numpy_helper.from_array((rng.standard_normal((1, 8 * h)) * 0.2).astype(np.float32), "B"),
+             _w(rng, "fc_w", (h, classes)), _w(rng, "fc_b", (classes,), 0.1),
+             _i64("axis0", [0]), _i64("axis1", [1]), _i64("idx0", 0), _i64("idx1", 1), _i64("minus_one", [-1])]
+    nodes = [
+        helper.make_node("Transpose", ["frames"], ["tbf"], name="to_time_major", perm=[1, 0, 2]),
+        helper.make_node("LSTM", ["tbf", "W", "R", "B", "", "h_in", "c_in"], ["y", "h_out", "c_out"],
+                         name="lstm", hidden_size=h),
+        helper.make_node("Squeeze", ["y", "axis1"], ["y3"], name="squeeze_dir"),
+        helper.make_node("Transpose", ["y3"], ["bth"], name="to_batch_major", perm=[1, 0, 2]),
+        helper.make_node("Shape", ["frames"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "idx0"], ["b"], name="gather_b", axis=0),
+        helper.make_node("Gather", ["shape", "idx1"], ["t"], name="gather_t", axis=0),
+        helper.make_node("Unsqueeze", ["b", "axis0"], ["b1"], name="unsqueeze_b"),
+        helper.make_node("Unsqueeze", ["t", "axis0"], ["t1"], name="unsqueeze_t"),
+        helper.make_node("Concat", ["b1", "t1", "minus_one"], ["target"], name="concat_shape", axis=0),
+        helper.make_node("Reshape", ["bth", "target"], ["feat"], name="reshape"),
+        helper.make_node("MatMul", ["feat", "fc_w"], ["mm"], name="fc"),
+        helper.make_node("Add", ["mm", "fc_b"], ["logits"], name="fc_bias"),
+    ]
+    g = helper.make_graph(nodes, "streaming_lstm",
+                          [vi("frames", TensorProto.FLOAT, [1, "T", features]),
+                           vi("h_in", TensorProto.FLOAT, [1, 1, h]), vi("c_in", TensorProto.FLOAT, [1, 1, h])],
+                          [vi("logits", TensorProto.FLOAT, [1, "T", classes]),
+                           vi("h_out", TensorProto.FLOAT, [1, 1, h]), vi("c_out", TensorProto.FLOAT, [1, 1, h])],
+                          inits)
+    return _save_at(g, path, OPSET)

@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bundler.compile import onnxmodel
-from bundler.compile.onnxmodel import TensorSpec
+from bundler.compile.signature import TensorSpec, parse_input_shape
 from bundler.errors import ModelError, UserError
 from tests import models
 
@@ -358,7 +358,7 @@ def test_prepare_is_deterministic(tmp_path):
     b = onnxmodel.prepare(path, {"x": (1, 6, 4)}).model.SerializeToString()
     assert a == b
     # another process, another hash seed: still the same bytes
-    script = ("import hashlib, sys; from bundler import onnxmodel; "
+    script = ("import hashlib, sys; from bundler.compile import onnxmodel; "
               "m = onnxmodel.prepare(sys.argv[1], {'x': (1, 6, 4)}).model; "
               "print(hashlib.sha256(m.SerializeToString()).hexdigest())")
     out = subprocess.run([sys.executable, "-c", script, str(path)], cwd=REPO, capture_output=True, text=True,
@@ -377,7 +377,7 @@ def test_prepare_is_deterministic(tmp_path):
     ("serving_default/input.1 = 2, 3", ("serving_default/input.1", (2, 3))),
 ])
 def test_parse_input_shape(text, parsed):
-    assert onnxmodel.parse_input_shape(text) == parsed
+    assert parse_input_shape(text) == parsed
 
 
 @pytest.mark.parametrize("text, problem", [
@@ -388,6 +388,6 @@ def test_parse_input_shape(text, parsed):
 ])
 def test_parse_input_shape_rejects(text, problem):
     with pytest.raises(UserError) as e:
-        onnxmodel.parse_input_shape(text)
+        parse_input_shape(text)
     assert str(e.value) == (f"--input-shape {text!r}: {problem}; expected NAME=D0,D1,... with positive integer "
                             "dims, e.g. input=1,3,224,224")

@@ -47,11 +47,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bundler import api
-    from bundler.compile import prepared
+    from bundler.compile.signature import parse_input_shape
 
-    shapes = dict(prepared.parse_input_shape(s) for s in args.input_shape or [])
+    shapes = dict(parse_input_shape(s) for s in args.input_shape or [])
     if args.bench:
-        from bundler.device import bench      # it loads fabric (half a second): only for --bench
+        from bundler.device import bench  # it loads fabric (half a second): only for --bench
 
         bench.require_native(args.board)      # refuse a foreign board before the build, not after
     progress = Progress(quiet=args.quiet)

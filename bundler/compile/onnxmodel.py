@@ -17,11 +17,20 @@ graph TVM imports badly or slowly into one it imports in well under a second.
    initializers, Shape/Size of tensors with a static shape become constants,
    and any deterministic standard-domain node whose inputs are all constant is
    evaluated with ONNX's reference evaluator and replaced by an initializer;
+   then, once that is at a fixed point, each main-graph If whose condition is
+   now a constant is replaced by the branch it takes (its nodes and
+   initializers inlined, renamed where names clash, nested subgraphs' outer
+   references renamed with them; nested Ifs are folded in turn), and each
+   LSTM, GRU and RNN node with static shapes is unrolled over its sequence
+   length into MatMul/Add/Split/activations/Where/Concat... (TVM 0.27's
+   frontend has no converter for them); shapes are inferred again and folding
+   goes on;
 5. dead nodes, unused initializers and stale value_info are dropped, shapes
-   are inferred once more and the outputs must have static shapes.
+   are inferred once more and the outputs must have static shapes (the error
+   names the output, and the If nodes left that it depends on).
 
-What is never folded: random operators, nodes with subgraphs (If, Loop, Scan),
-nodes outside the standard domain, and results larger than
+What is never folded: random operators, Loop and Scan, If nodes whose
+condition is not constant, nodes outside the standard domain, and results larger than
 :data:`FOLD_LIMIT_ELEMENTS` elements unless they are no bigger than their
 constant inputs (a Transpose or Cast of a weight): a folded result is stored in
 the model, and an ``Expand`` of a scalar to a huge tensor would bloat it.
@@ -33,7 +42,6 @@ The result is deterministic: the same file and shapes give a byte-identical
 from __future__ import annotations
 
 import hashlib
-import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,7 +52,8 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
-from bundler.errors import ModelError, UserError, did_you_mean
+from bundler.compile.signature import TensorSpec
+from bundler.errors import ModelError, did_you_mean
 
 #: A folded result with more elements than this stays a computation in the graph, unless it
 #: is no larger (in bytes) than the constant inputs it replaces.
@@ -64,23 +73,6 @@ _DTYPES = {
 # Initializers up to this many elements go into shape inference with their values (shape
 # arithmetic needs them); bigger ones (weights) go in as typed inputs, which is much faster.
 _INFER_VALUE_LIMIT = 4096
-_SHAPE_FORM = "expected NAME=D0,D1,... with positive integer dims, e.g. input=1,3,224,224"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A model input or output: its name, numpy dtype name and static shape."""
-
-    name: str
-    dtype: str              # numpy dtype name: "float32", "int64", "uint8", "bool", ...
-    shape: tuple[int, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> TensorSpec:
-        return cls(str(d["name"]), str(d["dtype"]), tuple(int(x) for x in d["shape"]))
 
 
 @dataclass(frozen=True)
@@ -90,29 +82,6 @@ class PreparedModel:
     outputs: tuple[TensorSpec, ...] # graph outputs in order, static shapes
     folded_nodes: int               # how many nodes folding (and dead-node removal) took away
     source_sha256: str              # sha256 of the file's bytes
-
-
-# --- the command line's --input-shape ---------------------------------------------------
-
-def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
-    """``"x=1,3,224,224"`` -> ``("x", (1, 3, 224, 224))``.
-
-    The name is everything before the last ``=`` (ONNX names may hold ``:``, ``/``, ``.``).
-    """
-    name, eq, dims = text.rpartition("=")
-    name = name.strip()
-    if not eq:
-        problem = "no '='"
-    elif not name:
-        problem = "no input name before '='"
-    elif not dims.strip():
-        problem = "no dims after '='"
-    else:
-        bad = [d.strip() for d in dims.split(",") if not (re.fullmatch(r"[0-9]+", d.strip()) and int(d) > 0)]
-        problem = f"{bad[0]!r} is not a positive integer" if bad else ""
-    if problem:
-        raise UserError(f"--input-shape {text!r}: {problem}; {_SHAPE_FORM}")
-    return name, tuple(int(d) for d in dims.split(","))
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -367,7 +336,11 @@ def _fold(model: onnx.ModelProto, path: Path) -> str:
     folder = _Folder(g, opsets)
     folder.constants_to_initializers()
     strict_error = _infer(model, path)
-    while folder.run():                 # each round folds at least one node, so this ends
+    # Each round removes at least one node (a folded one, an If, a recurrent node), so this ends.
+    # Plain folding goes first, to a fixed point: an If's condition or a sequence_lens is then as
+    # constant as it gets before the If is folded or the LSTM unrolled.
+    while folder.run() or folder.fold_ifs() or _unroll_recurrent(model, folder, path):
+        folder.constants_to_initializers()      # Constant nodes an inlined branch brought
         _prune(g)
         strict_error = _infer(model, path)   # folded shapes make more shapes static
     if _prune(g):                       # what was dead from the start
@@ -492,6 +465,137 @@ class _Folder:
         return arrays
 
 
+    # --- If nodes with a constant condition ----------------------------------------------
+
+    def fold_ifs(self) -> bool:
+        """Replace each If of the main graph whose condition is a constant by the nodes of the
+        branch it takes; True if any.  Nested Ifs come up to the main graph this way and are
+        folded in a later round, once their own conditions are folded."""
+        self.tensors = {t.name: t for t in self.g.initializer}
+        changed, k = False, 0
+        while k < len(self.g.node):
+            node = self.g.node[k]
+            k += 1
+            if node.op_type != "If" or node.domain not in _STANDARD_DOMAINS or not node.input \
+                    or node.input[0] not in self.tensors:
+                continue
+            cond = self.array(node.input[0])
+            if cond.size != 1:
+                continue
+            branches = {a.name: a.g for a in node.attribute if a.type == AttributeProto.GRAPH}
+            branch = branches.get("then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")
+            if branch is None or branch.sparse_initializer or len(branch.output) < len(node.output):
+                continue
+            inlined, inits = _inline_branch(self.g, node, branch)
+            for t in inits:
+                self.g.initializer.append(t)
+                self.tensors[t.name] = self.g.initializer[-1]
+            nodes = list(self.g.node)
+            _set_nodes(self.g, nodes[:k - 1] + inlined + nodes[k:])
+            k -= 1              # the inlined nodes next: an If among them may be constant already
+            changed = True
+        return changed
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for a in node.attribute:
+        if a.type == AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == AttributeProto.GRAPHS:
+            yield from a.graphs
+
+
+def _local_defs(g: onnx.GraphProto) -> list[str]:
+    """The names a graph defines in its own scope (inputs, initializers, node outputs), in order."""
+    names = [i.name for i in g.input] + [t.name for t in g.initializer]
+    names += [o for n in g.node for o in n.output if o]
+    return names
+
+
+def _all_defs(g: onnx.GraphProto, into: set[str], skip: onnx.NodeProto | None = None) -> set[str]:
+    """Every name defined or declared in ``g`` and its subgraphs (but not those of ``skip``)."""
+    into.update(_local_defs(g))
+    into.update(o.name for o in g.output)
+    into.update(vi.name for vi in g.value_info)
+    for n in g.node:
+        into.update(i for i in n.input if i)
+        if n is not skip:
+            for sub in _subgraphs(n):
+                _all_defs(sub, into)
+    return into
+
+
+def _rename_refs(g: onnx.GraphProto, mapping: Mapping[str, str]) -> None:
+    """Rename, in the subgraph ``g`` and its own subgraphs, the references to outer-scope names
+    (a name ``g`` defines itself shadows the outer one)."""
+    local = set(_local_defs(g))
+    m = {k: v for k, v in mapping.items() if k not in local}
+    if not m:
+        return
+    for n in g.node:
+        for j, i in enumerate(n.input):
+            if i in m:
+                n.input[j] = m[i]
+        for sub in _subgraphs(n):
+            _rename_refs(sub, m)
+    for o in g.output:
+        if o.name in m:
+            o.name = m[o.name]
+
+
+def _inline_branch(g: onnx.GraphProto, node: onnx.NodeProto, branch: onnx.GraphProto
+                   ) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """The nodes and initializers that compute the If ``node``'s outputs as ``branch`` does, in
+    the scope of ``g``: the branch's values keep their names unless those are taken (then get a
+    suffix), the values the branch outputs are named after the If's outputs."""
+    taken = _all_defs(g, set(), skip=node)
+    for n in branch.node:               # names of the branch's nested subgraphs stay as they are
+        for sub in _subgraphs(n):
+            _all_defs(sub, taken)
+    produced = {o for n in branch.node for o in n.output if o}
+    mapping: dict[str, str] = {}
+    identities: list[tuple[str, str]] = []
+    for bo, io in zip(branch.output, node.output):
+        if not io:
+            continue
+        if bo.name in produced and bo.name not in mapping:
+            mapping[bo.name] = io
+        else:                           # an outer value, an initializer or a value output twice
+            identities.append((bo.name, io))
+    for name in _local_defs(branch):
+        if name in mapping:
+            continue
+        new, k = name, 0
+        while new in taken:
+            k += 1
+            new = f"{name}__{k}"
+        taken.add(new)
+        mapping[name] = new
+    label = node.name or node.output[0]
+    nodes = []
+    for n in branch.node:
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        for j, i in enumerate(c.input):
+            if i in mapping:
+                c.input[j] = mapping[i]
+        for j, o in enumerate(c.output):
+            if o in mapping:
+                c.output[j] = mapping[o]
+        for sub in _subgraphs(c):
+            _rename_refs(sub, mapping)
+        nodes.append(c)
+    for src, io in identities:
+        nodes.append(helper.make_node("Identity", [mapping.get(src, src)], [io], name=f"{label}/{io}"))
+    inits = []
+    for t in branch.initializer:
+        c = TensorProto()
+        c.CopyFrom(t)
+        c.name = mapping[t.name]
+        inits.append(c)
+    return nodes, inits
+
+
 def _itemsize(elem_type: int) -> int:
     try:
         return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
@@ -573,6 +677,346 @@ def _prune(g: onnx.GraphProto) -> bool:
     return True
 
 
+# --- LSTM, GRU and RNN: unrolled over the (now static) sequence length ------------------
+
+_RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+_DEFAULT_ACTIVATIONS = {"LSTM": ("Sigmoid", "Tanh", "Tanh"), "GRU": ("Sigmoid", "Tanh"), "RNN": ("Tanh",)}
+# How many of activation_alpha / activation_beta each activation takes, and their defaults
+# (as onnxruntime reads them: in order, across the activations of every direction).
+_ACTIVATION_ARGS: dict[str, tuple[int, int, float, float]] = {
+    "relu": (0, 0, 0.0, 0.0), "tanh": (0, 0, 0.0, 0.0), "sigmoid": (0, 0, 0.0, 0.0),
+    "softsign": (0, 0, 0.0, 0.0), "softplus": (0, 0, 0.0, 0.0),
+    "affine": (1, 1, 1.0, 0.0), "scaledtanh": (1, 1, 1.0, 1.0), "hardsigmoid": (1, 1, 0.2, 0.5),
+    "leakyrelu": (1, 0, 0.01, 0.0), "thresholdedrelu": (1, 0, 1.0, 0.0), "elu": (1, 0, 1.0, 0.0),
+}
+
+
+def _unroll_recurrent(model: onnx.ModelProto, folder: _Folder, path: Path) -> bool:
+    """Replace the main graph's LSTM, GRU and RNN nodes whose shapes are static by the same
+    computation unrolled over time in operators TVM imports (its frontend has no converter for
+    them); True if any.  A node whose shapes are not static stays, for check_supported to name."""
+    g = model.graph
+    if not any(n.op_type in _RECURRENT_GATES and n.domain in _STANDARD_DOMAINS for n in g.node):
+        return False
+    values = {vi.name: vi for vi in [*g.input, *g.value_info, *g.output]}
+    for t in g.initializer:
+        values.setdefault(t.name, helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    opset = folder.opsets.get("", 1)
+    taken = _all_defs(g, set())
+    taken.update(n.name for n in g.node if n.name)
+    nodes: list[onnx.NodeProto] = []
+    changed = False
+    for node in g.node:
+        if node.op_type in _RECURRENT_GATES and node.domain in _STANDARD_DOMAINS:
+            unrolled = _Unroller(node, values, folder, opset, taken, path).build()
+            if unrolled is not None:
+                new_nodes, inits = unrolled
+                nodes.extend(new_nodes)
+                for t in inits:
+                    g.initializer.append(t)
+                    folder.tensors[t.name] = g.initializer[-1]
+                changed = True
+                continue
+        nodes.append(node)
+    if changed:
+        _set_nodes(g, nodes)
+    return changed
+
+
+class _Unroller:
+    """One LSTM / GRU / RNN node as ONNX operators of the model's opset, time step by time step
+    (the formulas of the ONNX operator specification, checked against onnxruntime)."""
+
+    def __init__(self, node: onnx.NodeProto, values: Mapping[str, onnx.ValueInfoProto], folder: _Folder,
+                 opset: int, taken: set[str], path: Path):
+        self.node, self.values, self.folder, self.opset, self.taken, self.path = \
+            node, values, folder, opset, taken, path
+        self.label = node.name or (node.output[0] if node.output else node.op_type)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.consts: dict[tuple[str, bytes, tuple[int, ...]], str] = {}
+
+    # helpers ------------------------------------------------------------------------------
+
+    def _fail(self, why: str) -> ModelError:
+        return ModelError(f"{self.path}: cannot unroll {self.node.op_type} node {self.label!r} "
+                          f"(TVM's ONNX frontend has no converter for {self.node.op_type}): {why}")
+
+    def fresh(self, hint: str) -> str:
+        base = f"{self.label}/{hint}"
+        name, k = base, 0
+        while name in self.taken:
+            k += 1
+            name = f"{base}_{k}"
+        self.taken.add(name)
+        return name
+
+    def const(self, value: Any, dtype: Any, hint: str = "c") -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.tobytes(), arr.shape)
+        if key not in self.consts:
+            name = self.fresh(hint)
+            self.inits.append(numpy_helper.from_array(arr, name))
+            self.consts[key] = name
+        return self.consts[key]
+
+    def op(self, op_type: str, inputs: Sequence[str], hint: str, outputs: int | Sequence[str] = 1,
+           **attrs: Any) -> Any:
+        outs = [self.fresh(f"{hint}_{i}" if outputs > 1 else hint) for i in range(outputs)] \
+            if isinstance(outputs, int) else list(outputs)
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.fresh(f"{op_type}_{hint}"),
+                                           **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def unsqueeze(self, x: str, axes: Sequence[int], hint: str, out: str | None = None) -> str:
+        outputs = [out] if out else 1
+        if self.opset >= 13:
+            return self.op("Unsqueeze", [x, self.const(list(axes), np.int64, "axes")], hint, outputs)
+        return self.op("Unsqueeze", [x], hint, outputs, axes=list(axes))
+
+    def split(self, x: str, sizes: Sequence[int], axis: int, hint: str) -> list[str]:
+        if self.opset >= 13:
+            return self.op("Split", [x, self.const(list(sizes), np.int64, "split")], hint, len(sizes), axis=axis)
+        return self.op("Split", [x], hint, len(sizes), axis=axis, split=list(sizes))
+
+    def concat(self, xs: Sequence[str], axis: int, hint: str, out: str | None = None) -> str:
+        if len(xs) == 1:
+            return self.op("Identity", xs, hint, [out]) if out else xs[0]
+        return self.op("Concat", xs, hint, [out] if out else 1, axis=axis)
+
+    def take(self, x: str, index: int, hint: str) -> str:
+        """``x[index]`` along axis 0 (a scalar Gather drops the axis)."""
+        return self.op("Gather", [x, self.const(index, np.int64, "index")], hint, axis=0)
+
+    def clip(self, x: str) -> str:
+        if self.clip_value is None:
+            return x
+        c = self.clip_value
+        if self.opset >= 11:
+            return self.op("Clip", [x, self.const(-c, self.dtype, "clip_min"), self.const(c, self.dtype, "clip_max")],
+                           "clip")
+        return self.op("Clip", [x], "clip", min=-c, max=c)
+
+    def activate(self, x: str, act: tuple[str, float, float], hint: str) -> str:
+        name, alpha, beta = act
+        x = self.clip(x)
+        if name in ("relu", "tanh", "sigmoid", "softsign", "softplus"):
+            return self.op({"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "softsign": "Softsign",
+                            "softplus": "Softplus"}[name], [x], hint)
+        if name == "hardsigmoid":
+            return self.op("HardSigmoid", [x], hint, alpha=alpha, beta=beta)
+        if name == "leakyrelu":
+            return self.op("LeakyRelu", [x], hint, alpha=alpha)
+        if name == "elu":
+            return self.op("Elu", [x], hint, alpha=alpha)
+        if name == "affine":
+            return self.op("Add", [self.op("Mul", [x, self.const(alpha, self.dtype)], hint),
+                                   self.const(beta, self.dtype)], hint)
+        if name == "scaledtanh":
+            t = self.op("Tanh", [self.op("Mul", [x, self.const(beta, self.dtype)], hint)], hint)
+            return self.op("Mul", [t, self.const(alpha, self.dtype)], hint)
+        assert name == "thresholdedrelu"
+        keep = self.op("Greater", [x, self.const(alpha, self.dtype)], hint)
+        return self.op("Mul", [x, self.op("Cast", [keep], hint, to=self.elem)], hint)
+
+    def static_dims(self, name: str) -> list[int] | None:
+        vi = self.values.get(name)
+        dims = _dims(vi) if vi is not None and vi.type.HasField("tensor_type") else None
+        return dims if _is_static(dims) else None  # type: ignore[return-value]
+
+    # the node ----------------------------------------------------------------------------
+
+    def build(self) -> tuple[list[onnx.NodeProto], list[TensorProto]] | None:
+        node, op = self.node, self.node.op_type
+        ins = list(node.input) + [""] * (8 - len(node.input))
+        x_name, w_name, r_name, b_name, lens_name, h0_name = ins[:6]
+        c0_name, p_name = (ins[6], ins[7]) if op == "LSTM" else ("", "")
+        if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute):
+            return None
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        x_dims, w_dims, r_dims = (self.static_dims(n) if n else None for n in (x_name, w_name, r_name))
+        if x_dims is None or w_dims is None or r_dims is None or len(x_dims) != 3:
+            return None                 # check_supported names it
+        vi = self.values[x_name]
+        self.elem = vi.type.tensor_type.elem_type
+        if self.elem not in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16):
+            raise self._fail(f"input X has element type {TensorProto.DataType.Name(self.elem)}")
+        self.dtype = helper.tensor_dtype_to_np_dtype(self.elem)
+
+        direction = attrs.get("direction", b"forward")
+        direction = direction.decode() if isinstance(direction, bytes) else str(direction)
+        if direction not in ("forward", "reverse", "bidirectional"):
+            raise self._fail(f"direction {direction!r} is not forward, reverse or bidirectional")
+        num_dir = 2 if direction == "bidirectional" else 1
+        layout = int(attrs.get("layout", 0))
+        seq, batch = (x_dims[0], x_dims[1]) if layout == 0 else (x_dims[1], x_dims[0])
+        gates = _RECURRENT_GATES[op]
+        hidden = int(attrs.get("hidden_size", r_dims[-1]))
+        if w_dims[0] != num_dir or r_dims != [num_dir, gates * hidden, hidden] or w_dims[1] != gates * hidden:
+            raise self._fail(f"W {w_dims} and R {r_dims} do not fit {direction} with hidden_size {hidden}")
+        self.clip_value = float(attrs["clip"]) if "clip" in attrs else None
+        input_forget = bool(attrs.get("input_forget", 0))
+        linear_before_reset = bool(attrs.get("linear_before_reset", 0))
+
+        # activations: n per direction, their alphas and betas read in order
+        n_act = len(_DEFAULT_ACTIVATIONS[op])
+        names = [a.decode() if isinstance(a, bytes) else str(a) for a in attrs.get("activations", ())] \
+            or list(_DEFAULT_ACTIVATIONS[op]) * num_dir
+        if len(names) == n_act and num_dir == 2:
+            names = names * 2
+        if len(names) != n_act * num_dir:
+            raise self._fail(f"{len(names)} activations given, {op} {direction} takes {n_act * num_dir}")
+        alphas = list(attrs.get("activation_alpha", ()))
+        betas = list(attrs.get("activation_beta", ()))
+        acts = []
+        for a in names:
+            key = a.lower()
+            if key not in _ACTIVATION_ARGS:
+                raise self._fail(f"activation {a!r} is not one the ONNX specification defines for {op}")
+            na, nb, da, db = _ACTIVATION_ARGS[key]
+            alpha = float(alphas.pop(0)) if na and alphas else da
+            beta = float(betas.pop(0)) if nb and betas else db
+            acts.append((key, alpha, beta))
+
+        # sequence_lens: a mask per step, unless every sequence is known to be full length
+        masked = False
+        if lens_name:
+            if lens_name in self.folder.tensors:
+                lens = self.folder.array(lens_name).reshape(-1)
+                if lens.size != batch or (lens < 0).any() or (lens > seq).any():
+                    raise self._fail(f"sequence_lens {lens.tolist()} does not fit batch {batch}, "
+                                     f"sequence length {seq}")
+                masked = bool((lens != seq).any())
+            else:
+                masked = True
+        if masked and self.opset < 9:
+            raise self._fail("sequence_lens that is not constant needs opset 9 or newer (Where)")
+        lens_f = self.op("Cast", [lens_name], "lens", to=TensorProto.FLOAT) if masked else ""
+        masks: dict[int, str] = {}
+
+        def mask(t: int) -> str:
+            if t not in masks:
+                valid = self.op("Less", [self.const(float(t), np.float32, "step"), lens_f], f"valid{t}")
+                masks[t] = self.unsqueeze(valid, [1], f"mask{t}")
+            return masks[t]
+
+        outs = list(node.output) + [""] * (3 - len(node.output))
+        y_out, yh_out, yc_out = outs[0], outs[1], (outs[2] if op == "LSTM" else "")
+        if not (y_out or yh_out or yc_out):
+            return [], []
+
+        x = x_name if layout == 0 else self.op("Transpose", [x_name], "x_tbi", perm=[1, 0, 2])
+        states0 = {}
+        for key, name in (("h", h0_name), ("c", c0_name)):
+            if name and layout == 1:
+                name = self.op("Transpose", [name], f"initial_{key}", perm=[1, 0, 2])
+            states0[key] = name
+        zeros = self.const(np.zeros((batch, hidden)), self.dtype, "zeros")
+        one = self.const(1.0, self.dtype, "one")
+        H = hidden
+
+        ys, hs, cs = [], [], []
+        for d in range(num_dir):
+            reverse = direction == "reverse" or d == 1
+            f_act, g_act, h_act = (acts[d * n_act:(d + 1) * n_act] + [None, None])[:3]
+            w = self.op("Transpose", [self.take(w_name, d, f"w{d}")], f"w{d}_t", perm=[1, 0])     # [I, G*H]
+            r = self.take(r_name, d, f"r{d}")                                                     # [G*H, H]
+            if op == "GRU" and not linear_before_reset:
+                r_zr, r_h = self.split(r, [2 * H, H], 0, f"r{d}")
+                r_zr = self.op("Transpose", [r_zr], f"r{d}_zr_t", perm=[1, 0])
+                r_h = self.op("Transpose", [r_h], f"r{d}_h_t", perm=[1, 0])
+            else:
+                r = self.op("Transpose", [r], f"r{d}_t", perm=[1, 0])
+            xw = self.op("MatMul", [x, w], f"xw{d}")                                             # [T, B, G*H]
+            rb_h = ""
+            if b_name:
+                wb, rb = self.split(self.take(b_name, d, f"b{d}"), [gates * H, gates * H], 0, f"b{d}")
+                if op == "GRU" and linear_before_reset:       # R's h-gate bias goes inside r * (...)
+                    rb_zr, rb_h = self.split(rb, [2 * H, H], 0, f"rb{d}")
+                    rb = self.concat([rb_zr, self.const(np.zeros(H), self.dtype, "zeros_h")], 0, f"rb{d}")
+                xw = self.op("Add", [xw, self.op("Add", [wb, rb], f"bias{d}")], f"xwb{d}")
+            peep = self.split(self.take(p_name, d, f"p{d}"), [H, H, H], 0, f"p{d}") if p_name else None
+
+            h = self.take(states0["h"], d, f"h0_{d}") if states0["h"] else zeros
+            c = (self.take(states0["c"], d, f"c0_{d}") if states0["c"] else zeros) if op == "LSTM" else ""
+            steps: list[str] = [""] * seq
+            for t in (reversed(range(seq)) if reverse else range(seq)):
+                s = f"d{d}t{t}"
+                xt = self.take(xw, t, f"x_{s}")                                                   # [B, G*H]
+                if op == "LSTM":
+                    gi, go, gf, gc = self.split(self.op("Add", [xt, self.op("MatMul", [h, r], s)], s),
+                                                [H] * 4, 1, f"gates_{s}")
+                    if peep:
+                        gi = self.op("Add", [gi, self.op("Mul", [peep[0], c], s)], s)
+                        gf = self.op("Add", [gf, self.op("Mul", [peep[2], c], s)], s)
+                    i_t = self.activate(gi, f_act, f"i_{s}")
+                    f_t = self.op("Sub", [one, i_t], f"f_{s}") if input_forget else self.activate(gf, f_act, f"f_{s}")
+                    c_new = self.op("Add", [self.op("Mul", [f_t, c], s),
+                                            self.op("Mul", [i_t, self.activate(gc, g_act, f"c_{s}")], s)], f"cell_{s}")
+                    if peep:
+                        go = self.op("Add", [go, self.op("Mul", [peep[1], c_new], s)], s)
+                    o_t = self.activate(go, f_act, f"o_{s}")
+                    h_new = self.op("Mul", [o_t, self.activate_unclipped(c_new, h_act, f"hc_{s}")], f"h_{s}")
+                elif op == "GRU":
+                    xz, xr, xh = self.split(xt, [H] * 3, 1, f"x_{s}")
+                    if linear_before_reset:
+                        hz, hr, hh = self.split(self.op("MatMul", [h, r], s), [H] * 3, 1, f"hr_{s}")
+                        if rb_h:
+                            hh = self.op("Add", [hh, rb_h], s)
+                    else:
+                        hz, hr = self.split(self.op("MatMul", [h, r_zr], s), [H] * 2, 1, f"hr_{s}")
+                    z_t = self.activate(self.op("Add", [xz, hz], s), f_act, f"z_{s}")
+                    r_t = self.activate(self.op("Add", [xr, hr], s), f_act, f"r_{s}")
+                    if linear_before_reset:
+                        pre = self.op("Add", [xh, self.op("Mul", [r_t, hh], s)], s)
+                    else:
+                        pre = self.op("Add", [xh, self.op("MatMul", [self.op("Mul", [r_t, h], s), r_h], s)], s)
+                    cand = self.activate(pre, g_act, f"cand_{s}")
+                    h_new = self.op("Add", [self.op("Mul", [self.op("Sub", [one, z_t], s), cand], s),
+                                            self.op("Mul", [z_t, h], s)], f"h_{s}")
+                else:
+                    h_new = self.activate(self.op("Add", [xt, self.op("MatMul", [h, r], s)], s), f_act, f"h_{s}")
+                    c_new = ""
+                if masked:
+                    m = mask(t)
+                    steps[t] = self.op("Where", [m, h_new, zeros], f"y_{s}")
+                    h = self.op("Where", [m, h_new, h], f"hm_{s}")
+                    if op == "LSTM":
+                        c = self.op("Where", [m, c_new, c], f"cm_{s}")
+                else:
+                    steps[t] = h = h_new
+                    if op == "LSTM":
+                        c = c_new
+            if y_out:
+                ys.append(self.concat([self.unsqueeze(y, [0, 1], f"y{d}_{t}") for t, y in enumerate(steps)],
+                                      0, f"y{d}"))                                                # [T, 1, B, H]
+            hs.append(h)
+            cs.append(c)
+
+        # outputs, in the layout asked for
+        if y_out:
+            if layout == 0:
+                self.concat(ys, 1, "y", out=y_out)
+            else:
+                self.op("Transpose", [self.concat(ys, 1, "y")], "y", [y_out], perm=[2, 0, 1, 3])
+        for out, states, key in ((yh_out, hs, "h"), (yc_out, cs, "c")):
+            if not out:
+                continue
+            pieces = [self.unsqueeze(v, [0], f"{key}_last{d}") for d, v in enumerate(states)]
+            if layout == 0:
+                self.concat(pieces, 0, f"{key}_last", out=out)
+            else:
+                self.op("Transpose", [self.concat(pieces, 0, f"{key}_last")], f"{key}_last", [out], perm=[1, 0, 2])
+        return self.nodes, self.inits
+
+    def activate_unclipped(self, x: str, act: tuple[str, float, float], hint: str) -> str:
+        saved, self.clip_value = self.clip_value, None
+        try:
+            return self.activate(x, act, hint)
+        finally:
+            self.clip_value = saved
+
+
 # --- outputs ------------------------------------------------------------------------------
 
 def _output_specs(model: onnx.ModelProto, path: Path, strict_error: str) -> tuple[TensorSpec, ...]:
@@ -591,10 +1035,39 @@ def _output_specs(model: onnx.ModelProto, path: Path, strict_error: str) -> tupl
         dims = _dims(out)
         if not _is_static(dims):
             why = f"; ONNX shape inference reports: {strict_error}" if strict_error else ""
+            ifs = _ifs_upstream(g, out.name)
+            if ifs:
+                shown = ", ".join(ifs[:3]) + (f" and {len(ifs) - 3} more" if len(ifs) > 3 else "")
+                why += (f"; it depends on If node{'s' if len(ifs) > 1 else ''} {shown}, whose condition is not "
+                        "constant with the input shapes fixed")
             raise ModelError(f"{path}: output {out.name!r} has no static shape ({_fmt_dims(dims)}) even with "
                              f"the input shapes fixed{why}; tvmbundle needs static output shapes")
         specs.append(TensorSpec(out.name, dtype, tuple(dims)))  # type: ignore[arg-type]
     return tuple(specs)
+
+
+def _ifs_upstream(g: onnx.GraphProto, name: str) -> list[str]:
+    """The If nodes (named as check_supported names nodes) that ``name`` depends on."""
+    producer = {o: n for n in g.node for o in n.output if o}
+    seen: set[str] = set()
+    found: list[str] = []
+    todo = [name]
+    while todo:
+        v = todo.pop()
+        n = producer.get(v)
+        if n is None or v in seen:
+            continue
+        seen.update(n.output)
+        if n.op_type == "If":
+            found.append(_node_label(n))
+        todo.extend(i for i in n.input if i)
+        todo.extend(_subgraph_inputs(n))
+    return sorted(found)
+
+
+def _node_label(node: onnx.NodeProto) -> str:
+    return repr(node.name) if node.name else f"(unnamed, output {node.output[0]!r})" if node.output \
+        else "(unnamed)"
 
 
 # --- what TVM can import ------------------------------------------------------------------
@@ -614,16 +1087,17 @@ def check_supported(model: onnx.ModelProto, path: Path | str) -> None:
     missing: dict[tuple[str, str], list[str]] = {}
     for node in _all_nodes(model.graph):
         if node.op_type not in known:
-            label = repr(node.name) if node.name else f"(unnamed, output {node.output[0]!r})" if node.output \
-                else "(unnamed)"
-            missing.setdefault((node.domain or "ai.onnx", node.op_type), []).append(label)
+            missing.setdefault((node.domain or "ai.onnx", node.op_type), []).append(_node_label(node))
     if not missing:
         return
     parts = []
     for (domain, op), nodes in missing.items():
         shown = ", ".join(nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+        note = (" (prepare unrolls these only in the main graph, with static shapes: not inside a Loop "
+                "or an If whose condition is not constant)"
+                if op in _RECURRENT_GATES and domain == "ai.onnx" else "")
         parts.append(f"{op} (domain {domain}, opset {opsets.get(domain, '?')}) "
-                     f"at node{'s' if len(nodes) > 1 else ''} {shown}")
+                     f"at node{'s' if len(nodes) > 1 else ''} {shown}{note}")
     count = f"{len(missing)} operators: " if len(missing) > 1 else ""
     raise ModelError(f"{path}: TVM's ONNX frontend (apache-tvm {tvm.__version__}) has no converter for "
                      f"{count}{'; '.join(parts)}",

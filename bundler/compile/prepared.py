@@ -12,34 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata as md
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bundler import cache
+from bundler.compile.signature import TensorSpec
 from bundler.errors import UserError
 
 # Part of the cache key: bump when this module changes what it stores.
 PREPARED_VERSION = 1
 GRAPH = "prepared.onnx"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A model input or output: its name, numpy dtype name and static shape."""
-
-    name: str
-    dtype: str              # numpy dtype name: "float32", "int64", "uint8", "bool", ...
-    shape: tuple[int, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> TensorSpec:
-        return cls(str(d["name"]), str(d["dtype"]), tuple(int(x) for x in d["shape"]))
 
 
 @dataclass(frozen=True)
@@ -60,34 +44,12 @@ class Prepared:
         return onnx.load(str(self.graph))
 
 
-_SHAPE_FORM = "expected NAME=D0,D1,... with positive integer dims, e.g. input=1,3,224,224"
-
-
-def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
-    """``"x=1,3,224,224"`` -> ``("x", (1, 3, 224, 224))``, for ``--input-shape``.
-
-    The name is everything before the last ``=`` (ONNX names may hold ``:``, ``/``, ``.``).
-    """
-    name, eq, dims = text.rpartition("=")
-    name = name.strip()
-    if not eq:
-        problem = "no '='"
-    elif not name:
-        problem = "no input name before '='"
-    elif not dims.strip():
-        problem = "no dims after '='"
-    else:
-        bad = [d.strip() for d in dims.split(",") if not (re.fullmatch(r"[0-9]+", d.strip()) and int(d) > 0)]
-        problem = f"{bad[0]!r} is not a positive integer" if bad else ""
-    if problem:
-        raise UserError(f"--input-shape {text!r}: {problem}; {_SHAPE_FORM}")
-    return name, tuple(int(d) for d in dims.split(","))
-
-
-def _code_identity() -> str:
-    """The preparation code's version: the hash of onnxmodel.py itself, read without importing it
-    (which would load onnx), so any change to how models are prepared misses the cache."""
-    return cache.sha256_file(Path(__file__).with_name("onnxmodel.py"))
+def _code_identity() -> list[str]:
+    """The preparation code's version: the hashes of the modules that prepare a model, read
+    without importing them (which would load onnx), so any change to how models are prepared
+    misses the cache."""
+    here = Path(__file__).parent
+    return [cache.sha256_file(here / name) for name in ("onnxmodel.py", "signature.py")]
 
 
 def _sha256(path: Path) -> str:
