@@ -1,5 +1,6 @@
 // tvm-deploy: runs a bundled TVM model on the board.
-//   info | run | bench | selftest | serve     (tvm-deploy --help)
+//   info | run | bench | selftest | serve | probe | rpc     (tvm-deploy --help)
+//   survey | prepare | install | activate | gc | status     the device side of a deploy (device.h)
 // Exit codes: 0 ok, 1 selftest mismatch, 2 usage or bad input, 3 runtime/model failure.
 #include <limits.h>
 #include <sys/stat.h>
@@ -17,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include "device.h"
+#include "json.h"
 #include "model.h"
 #include "npy.h"
 #include "rpc.h"
@@ -35,12 +38,23 @@ constexpr const char* kUsage =
     "                                        writes DIR/<output name>.npy (default DIR: .)\n"
     "  bench [--warmup N] [--repeat N] [--json]   latency: mean/p50/p90/min/max in ms\n"
     "  selftest [--json]                     run the bundled inputs, compare with the bundled outputs\n"
-    "  serve [--listen HOST:PORT]            HTTP inference service (GET /healthz, GET /v1/info,\n"
-    "                                        POST /v1/infer with .npy bodies)\n"
-    "  probe [HOST:PORT] [--timeout S]       exit 0 when the service there answers /healthz with 200\n"
+    "  serve [--listen HOST:PORT] [--max-connections N] [--max-queue N] [--idle-timeout S]\n"
+    "        [--request-timeout S]           inference service: Open Inference Protocol v2 over HTTP\n"
+    "                                        (/v2/health/ready, /v2/models/NAME/infer, ...), /metrics\n"
+    "  probe [HOST:PORT] [--timeout S]       exit 0 when the service there is ready and serves this bundle\n"
     "  rpc [--host H] [--port P] [--key K] [--tracker HOST:PORT] [--sessions N]\n"
     "                                        TVM RPC server for tuning on this board (needs no model;\n"
     "                                        default 127.0.0.1:9090, key tvmbundle)\n"
+    "\n"
+    "device commands (run by tvmbundle deploy/status/rollback over SSH; each prints one JSON document):\n"
+    "  survey --prefix P [--unit-dir U] [--sudo] [--want SHA]...   what preflight needs to know\n"
+    "  prepare --prefix P [--sudo]           create the install layout (through sudo: then owned by the user)\n"
+    "  install --prefix P --manifest M|--release DIR [--unit FILE] [--from DIR] [--selftest]\n"
+    "                                        check staged files, assemble the release from the store\n"
+    "  activate --prefix P --release ID|none [--unit-dir U] [--unit NAME] [--sudo]\n"
+    "           [--health-timeout S] [--keep N] [--protect ID]...   switch, restart, health gate\n"
+    "  gc --prefix P --keep N [--protect ID]...   prune releases and unused store files\n"
+    "  status --prefix P [--unit NAME]       current and kept releases, service state, health\n"
     "\n"
     "options:\n"
     "  --bundle DIR   the bundle folder (default: the folder above this program's bin/)\n"
@@ -51,9 +65,8 @@ constexpr const char* kUsage =
     "\n"
     "exit codes: 0 ok, 1 selftest mismatch, 2 usage or bad input, 3 model or runtime failure\n";
 
-struct Usage : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+// Usage errors come from the one argument parser (device.h) or from a command's own checks.
+using Usage = ArgError;
 
 std::string DefaultBundleDir() {
   char buf[PATH_MAX];
@@ -68,38 +81,14 @@ std::string DefaultBundleDir() {
   return exe;
 }
 
-std::string JsonEscape(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\t': out += "\\t"; break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          char b[8];
-          std::snprintf(b, sizeof(b), "\\u%04x", c);
-          out += b;
-        } else {
-          out += c;
-        }
-    }
+void SpecsJson(json::Writer& w, const std::vector<TensorSpec>& specs) {
+  w.BeginArray();
+  for (const TensorSpec& s : specs) {
+    w.BeginObject().Key("name").String(s.name).Key("dtype").String(s.dtype_name).Key("shape").BeginArray();
+    for (int64_t d : s.shape) w.Int(d);
+    w.EndArray().EndObject();
   }
-  return out;
-}
-
-std::string SpecsJson(const std::vector<TensorSpec>& specs) {
-  std::ostringstream os;
-  os << "[";
-  for (size_t i = 0; i < specs.size(); ++i) {
-    os << (i ? ", " : "") << "{\"name\": \"" << JsonEscape(specs[i].name) << "\", \"dtype\": \""
-       << specs[i].dtype_name << "\", \"shape\": [";
-    for (size_t j = 0; j < specs[i].shape.size(); ++j) os << (j ? ", " : "") << specs[i].shape[j];
-    os << "]}";
-  }
-  os << "]";
-  return os.str();
+  w.EndArray();
 }
 
 std::string SanitizeName(const std::string& name) {
@@ -109,22 +98,12 @@ std::string SanitizeName(const std::string& name) {
   return out;
 }
 
-int ParseCount(const std::string& flag, const char* value, int lo) {
-  if (!value) throw Usage(flag + " needs a value");
-  char* end = nullptr;
-  long v = std::strtol(value, &end, 10);
-  if (*end != '\0' || v < lo || v > 1000000) throw Usage(flag + ": expected an integer >= " + std::to_string(lo) + ", got '" + value + "'");
-  return int(v);
-}
 
 // ---- commands -------------------------------------------------------------------------
 
 int CmdInfo(const Bundle& b, const std::vector<std::string>& args) {
   bool as_json = false;
-  for (const auto& a : args) {
-    if (a == "--json") as_json = true;
-    else throw Usage("info: unknown argument '" + a + "'");
-  }
+  ArgParser("info", args).Flag("--json", &as_json).Parse();
   if (as_json) {
     std::cout << InfoJson(b) << "\n";
     return 0;
@@ -140,19 +119,13 @@ int CmdInfo(const Bundle& b, const std::vector<std::string>& args) {
 
 int CmdRun(const Bundle& b, const std::vector<std::string>& args) {
   std::string out_dir = ".";
-  std::vector<std::string> positional;
+  std::vector<std::string> given, positional;
   std::map<std::string, std::string> named;
-  for (size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--output-dir") {
-      if (i + 1 >= args.size()) throw Usage("--output-dir needs a value");
-      out_dir = args[++i];
-    } else if (args[i].rfind("--", 0) == 0) {
-      throw Usage("run: unknown option '" + args[i] + "'");
-    } else {
-      size_t eq = args[i].find('=');
-      if (eq != std::string::npos && eq > 0) named[args[i].substr(0, eq)] = args[i].substr(eq + 1);
-      else positional.push_back(args[i]);
-    }
+  ArgParser("run", args).Option("--output-dir", &out_dir).Positionals(&given).Parse();
+  for (const std::string& a : given) {
+    size_t eq = a.find('=');
+    if (eq != std::string::npos && eq > 0) named[a.substr(0, eq)] = a.substr(eq + 1);
+    else positional.push_back(a);
   }
   if (!named.empty() && !positional.empty()) throw Usage("run: give inputs either in order or all as NAME=FILE");
   std::vector<std::string> files;
@@ -216,14 +189,10 @@ std::vector<NpyArray> SelftestInputs(const Bundle& b) {
 }
 
 int CmdBench(const Bundle& b, const std::vector<std::string>& args) {
-  int warmup = 3, repeat = 20;
+  std::string warmup_s = "3", repeat_s = "20";
   bool as_json = false;
-  for (size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--warmup") warmup = ParseCount("--warmup", i + 1 < args.size() ? args[++i].c_str() : nullptr, 0);
-    else if (args[i] == "--repeat") repeat = ParseCount("--repeat", i + 1 < args.size() ? args[++i].c_str() : nullptr, 1);
-    else if (args[i] == "--json") as_json = true;
-    else throw Usage("bench: unknown argument '" + args[i] + "'");
-  }
+  ArgParser("bench", args).Option("--warmup", &warmup_s).Option("--repeat", &repeat_s).Flag("--json", &as_json).Parse();
+  int warmup = ParseInt("--warmup", warmup_s, 0), repeat = ParseInt("--repeat", repeat_s, 1);
   Model model(b);
   std::vector<tvm::ffi::Tensor> inputs = model.MakeInputs(SelftestInputs(b));
   for (int i = 0; i < warmup; ++i) model.Invoke(inputs);
@@ -240,18 +209,19 @@ int CmdBench(const Bundle& b, const std::vector<std::string>& args) {
   double mean = 0;
   for (double v : ms) mean += v / ms.size();
   int threads = RuntimeThreads();
-  char line[512];
   if (as_json) {
-    std::snprintf(line, sizeof(line),
-                  "{\"mean_ms\": %.4f, \"p50_ms\": %.4f, \"p90_ms\": %.4f, \"min_ms\": %.4f, \"max_ms\": %.4f, "
-                  "\"repeat\": %d, \"warmup\": %d, \"threads\": %d}",
-                  mean, pct(0.5), pct(0.9), sorted.front(), sorted.back(), repeat, warmup, threads);
-  } else {
-    std::snprintf(line, sizeof(line),
-                  "mean %.3f ms  p50 %.3f ms  p90 %.3f ms  min %.3f ms  max %.3f ms  (%d runs after %d warm-up, "
-                  "%d threads)",
-                  mean, pct(0.5), pct(0.9), sorted.front(), sorted.back(), repeat, warmup, threads);
+    json::Writer w;
+    w.BeginObject().Key("mean_ms").Fixed(mean, 4).Key("p50_ms").Fixed(pct(0.5), 4).Key("p90_ms").Fixed(pct(0.9), 4)
+        .Key("min_ms").Fixed(sorted.front(), 4).Key("max_ms").Fixed(sorted.back(), 4).Key("repeat").Int(repeat)
+        .Key("warmup").Int(warmup).Key("threads").Int(threads).EndObject();
+    std::cout << w.str() << "\n";
+    return 0;
   }
+  char line[512];
+  std::snprintf(line, sizeof(line),
+                "mean %.3f ms  p50 %.3f ms  p90 %.3f ms  min %.3f ms  max %.3f ms  (%d runs after %d warm-up, "
+                "%d threads)",
+                mean, pct(0.5), pct(0.9), sorted.front(), sorted.back(), repeat, warmup, threads);
   std::cout << line << "\n";
   return 0;
 }
@@ -338,30 +308,26 @@ void CheckSelftestFiles(const Bundle& b) {
 
 int CmdSelftest(const Bundle& b, const std::vector<std::string>& args) {
   bool as_json = false;
-  for (const auto& a : args) {
-    if (a == "--json") as_json = true;
-    else throw Usage("selftest: unknown argument '" + a + "'");
-  }
+  ArgParser("selftest", args).Flag("--json", &as_json).Parse();
   CheckSelftestFiles(b);
   Model model(b);
   std::vector<OutputCheck> checks = CompareOutputs(b, model.Run(SelftestInputs(b)));
   bool all_ok = std::all_of(checks.begin(), checks.end(), [](const OutputCheck& c) { return c.ok; });
-  std::ostringstream js, text;
-  js << "{\"passed\": " << (all_ok ? "true" : "false") << ", \"rtol\": " << b.rtol << ", \"atol\": " << b.atol
-     << ", \"outputs\": [";
-  for (size_t k = 0; k < checks.size(); ++k) {
-    const OutputCheck& c = checks[k];
+  std::ostringstream text;
+  json::Writer js;
+  js.BeginObject().Key("passed").Bool(all_ok).Key("rtol").Double(b.rtol).Key("atol").Double(b.atol).Key("outputs").BeginArray();
+  for (const OutputCheck& c : checks) {
     char buf[64];
     std::snprintf(buf, sizeof(buf), "%.6g", c.worst);
-    js << (k ? ", " : "") << "{\"name\": \"" << JsonEscape(c.name) << "\", \"passed\": " << (c.ok ? "true" : "false")
-       << ", \"max_abs_diff\": " << (std::isfinite(c.worst) ? buf : "1e308") << ", \"worst_index\": " << c.worst_at;
-    if (!c.ok) js << ", \"problem\": \"" << JsonEscape(c.why) << "\"";
-    js << "}";
+    js.BeginObject().Key("name").String(c.name).Key("passed").Bool(c.ok)
+        .Key("max_abs_diff").Raw(std::isfinite(c.worst) ? buf : "1e308").Key("worst_index").Int(c.worst_at);
+    if (!c.ok) js.Key("problem").String(c.why);
+    js.EndObject();
     text << (c.ok ? "PASS " : "FAIL ") << c.name << ": max abs diff " << buf;
     if (!c.ok) text << " (" << c.why << ")";
     text << "\n";
   }
-  js << "]}";
+  js.EndArray().EndObject();
   if (as_json) {
     std::cout << js.str() << "\n";
   } else {
@@ -386,55 +352,51 @@ bool RunSelftestQuiet(const Bundle& b, Model& model, std::string* why) {
 }
 
 std::string InfoJson(const Bundle& b) {
-  std::ostringstream os;
-  os << "{\"bundle_id\": \"" << JsonEscape(b.bundle_id) << "\", \"name\": \"" << JsonEscape(b.name)
-     << "\", \"board\": \"" << JsonEscape(b.board) << "\", \"inputs\": " << SpecsJson(b.inputs)
-     << ", \"outputs\": " << SpecsJson(b.outputs) << ", \"compiler\": {\"apache-tvm\": \"" << JsonEscape(b.compiler_tvm)
-     << "\", \"apache-tvm-ffi\": \"" << JsonEscape(b.compiler_ffi) << "\"}, \"runtime\": {\"origin\": \""
-     << JsonEscape(b.runtime_origin) << "\", \"apache-tvm\": \"" << JsonEscape(b.runtime_tvm)
-     << "\", \"apache-tvm-ffi\": \"" << JsonEscape(b.runtime_ffi) << "\", \"platform\": \""
-     << JsonEscape(b.runtime_platform) << "\"}, \"harness\": \"" << kVersion << "\"}";
-  return os.str();
+  json::Writer w;
+  w.BeginObject().Key("bundle_id").String(b.bundle_id).Key("name").String(b.name).Key("board").String(b.board);
+  w.Key("inputs");
+  SpecsJson(w, b.inputs);
+  w.Key("outputs");
+  SpecsJson(w, b.outputs);
+  w.Key("compiler").BeginObject().Key("apache-tvm").String(b.compiler_tvm).Key("apache-tvm-ffi").String(b.compiler_ffi)
+      .EndObject();
+  w.Key("runtime").BeginObject().Key("origin").String(b.runtime_origin).Key("apache-tvm").String(b.runtime_tvm)
+      .Key("apache-tvm-ffi").String(b.runtime_ffi).Key("platform").String(b.runtime_platform).EndObject();
+  w.Key("harness").String(kVersion).EndObject();
+  return w.Take();
 }
 
+const char* HarnessVersion() { return kVersion; }
+
 int Main(int argc, char** argv) {
-  std::string bundle_dir, threads;
-  std::vector<std::string> args(argv + 1, argv + argc);
-  size_t i = 0;
-  for (; i < args.size(); ++i) {
-    if (args[i] == "--help" || args[i] == "-h") {
+  std::string bundle_dir, threads, cmd;
+  std::vector<std::string> args(argv + 1, argv + argc), rest;
+  // The global options go before or after the command (the systemd unit writes them after it);
+  // everything else after the command is the command's own, parsed by its ArgParser.
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a == "--bundle" || a == "--threads") {
+      if (i + 1 >= args.size()) throw Usage(a + " needs a value");
+      (a == "--bundle" ? bundle_dir : threads) = args[++i];
+    } else if (a.rfind("--bundle=", 0) == 0 || a.rfind("--threads=", 0) == 0) {
+      (a[2] == 'b' ? bundle_dir : threads) = a.substr(a.find('=') + 1);
+    } else if (a == "--help" || (cmd.empty() && a == "-h")) {
       std::cout << kUsage;
       return 0;
-    } else if (args[i] == "--version") {
+    } else if (cmd.empty() && a == "--version") {
       std::cout << kVersion << "\n";
       return 0;
-    } else if (args[i] == "--bundle") {
-      if (i + 1 >= args.size()) throw Usage("--bundle needs a value");
-      bundle_dir = args[++i];
-    } else if (args[i] == "--threads") {
-      threads = std::to_string(ParseCount("--threads", i + 1 < args.size() ? args[i + 1].c_str() : nullptr, 1));
-      ++i;
+    } else if (cmd.empty()) {
+      if (a.rfind("-", 0) == 0) throw Usage("unknown option '" + a + "'");
+      cmd = a;
     } else {
-      break;
+      rest.push_back(a);
     }
   }
-  if (i >= args.size()) throw Usage("no command given");
-  std::string cmd = args[i];
-  // The global options may also follow the command (as the systemd unit writes them).
-  std::vector<std::string> rest;
-  for (size_t j = i + 1; j < args.size(); ++j) {
-    if ((args[j] == "--threads" || args[j] == "--bundle") && j + 1 < args.size()) {
-      if (args[j] == "--threads") threads = std::to_string(ParseCount("--threads", args[j + 1].c_str(), 1));
-      else bundle_dir = args[j + 1];
-      ++j;
-    } else {
-      rest.push_back(args[j]);
-    }
-  }
-  if (std::find(rest.begin(), rest.end(), "--help") != rest.end()) {
-    std::cout << kUsage;
-    return 0;
-  }
+  if (cmd.empty()) throw Usage("no command given");
+  if (!threads.empty()) threads = std::to_string(ParseInt("--threads", threads, 1));
+  // The device side of a deploy needs no bundle loaded (it runs from the agent folder too).
+  if (IsDeviceCommand(cmd)) return DeviceCommand(cmd, rest);
   // TVM sizes its thread pool from TVM_NUM_THREADS when the pool first starts.
   if (!threads.empty()) setenv("TVM_NUM_THREADS", threads.c_str(), 1);
   if (cmd == "rpc") {
