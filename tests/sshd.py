@@ -1,6 +1,13 @@
 """Test devices: real sshd processes on loopback addresses, each with its own host key,
 config, authorized key and install root.
 
+The deploy, rollout and service tests run on devices with a real systemd (tests/devices.py).
+These plain sshd devices remain for what those cannot do: die at once at an exact point
+(tests/test_release.py's kill test: an nspawn device shuts down in steps), and tests that
+need no systemd at all (the remote benchmark of tests/test_bench.py). Each device's login
+has its own HOME inside the device root, so the deploy's agent cache
+(~/.cache/tvmbundle) never lands in the machine's own home.
+
 Each sshd runs as PID 1 of its own PID namespace (``unshare --pid --fork --kill-child``),
 so killing the namespace kills the device for real: its sessions, uploads and the
 service it runs all die at once.
@@ -113,7 +120,10 @@ class Device:
         if not hostkey.exists():
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hostkey)], check=True)
         (self.root / "authorized_keys").write_text(Path(str(self.key) + ".pub").read_text())
-        env = {"PATH": f"{self.root / 'bin'}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        # HOME inside the device: the deploy keeps its agent in ~/.cache/tvmbundle, never the machine's own.
+        (self.root / "home").mkdir(exist_ok=True)
+        env = {"HOME": str(self.root / "home"),
+               "PATH": f"{self.root / 'bin'}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
                "TVMB_UNIT_DIR": str(self.unit_dir), "TVMB_STATE": str(self.root / "state"),
                "TVM_DEPLOY_LISTEN": f"{self.host}:{self.service_port}"}
         (self.root / "sshd_config").write_text("\n".join([

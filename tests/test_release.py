@@ -1,8 +1,10 @@
-"""Deploy, status and rollback against real sshd devices on loopback (see tests/sshd.py).
+"""Deploy, status and rollback against devices with a real systemd (tests/devices.py: Debian 12 booted
+by systemd-nspawn, sshd on loopback), logging in as ``pi`` with ``--sudo`` or as ``nosudo``.
 
-The service is the real `tvm-deploy serve` of the x86_64 bundles (native here);
-`systemctl` on the devices is a test double because no systemd runs as PID 1 here.
-Every fault test ends with the previous release current and serving.
+The service is the real `tvm-deploy serve` of the x86_64 bundles, run by the device's systemd from the
+hardened unit (``DynamicUser``); the device side of each step is `tvm-deploy survey/prepare/install/
+activate` of the bundle's own harness. Every fault test ends with the previous release current and serving.
+Only the test that kills a device mid-upload keeps the plain sshd devices of tests/sshd.py (it says why).
 """
 
 from __future__ import annotations
@@ -19,17 +21,20 @@ import pytest
 
 from bundler import api
 from bundler.client import Client
+from bundler.config import schema
+from bundler.device import release
 from bundler.device.release import deploy, rollback, status
-from bundler.errors import DeployError
+from bundler.device.ssh import Remote, Target
+from bundler.errors import DeployError, UserError
+from bundler.package import bundle as bundle_mod
+from bundler.package.manifest import Manifest
 from tests import models
 from tests.bundletools import perturb_expected, repack
 from tests.sshd import Fleet
 
-pytestmark = [
-    pytest.mark.skipif(not (shutil.which("sshd") and shutil.which("unshare")),
-                       reason="needs openssh-server and unshare (scripts/setup installs them)"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="test devices need root: sshd logins, PID namespaces, tmpfs mounts"),
-]
+pytest_plugins = ("tests.devices",)       # the fixtures device_root and devices
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="test devices need root (systemd-nspawn, sshd logins)")
 
 
 @pytest.fixture(scope="module")
@@ -42,140 +47,121 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
     return {"a": a, "b": b}
 
 
-@pytest.fixture
-def fleet(tmp_path):
-    with Fleet(tmp_path) as f:
-        yield f
-
-
 def manifest(path: Path) -> dict:
     with __import__("tarfile").open(path) as t:
         m = next(x for x in t.getmembers() if x.name.endswith("/manifest.json"))
         return json.loads(t.extractfile(m).read())
 
 
-def current_id(dev) -> str | None:
-    link = dev.prefix / "current"
-    return link.readlink().name if link.is_symlink() else None
+def current_id(dev, prefix: str | None = None) -> str | None:
+    return dev.current_id(prefix)
 
 
-def serving(dev, bundle_path: Path) -> bool:
+def serving(dev, bundle_path: Path, wait: float = 0.0) -> bool:
     """The device's service answers, and it is the given bundle that answers."""
-    c = Client(dev.service_url, timeout=5)
-    return c.healthy() and c.info()["bundle_id"] == manifest(bundle_path)["bundle_id"]
-
-
-def restarted_and_serving(dev, bundle_path: Path, wait: float = 30.0) -> bool:
-    """Restart the device's service (as its init would after a reboot) and wait until it serves."""
-    assert dev.systemctl("restart", "tvmbundle.service") == 0
     deadline = time.monotonic() + wait
-    while not serving(dev, bundle_path) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return serving(dev, bundle_path)
+    while True:
+        try:
+            c = Client(dev.service_url, timeout=5)
+            if c.healthy() and c.info()["bundle_id"] == manifest(bundle_path)["bundle_id"]:
+                return True
+        except (OSError, ValueError, KeyError):
+            pass                       # not up yet, or not the service
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.3)
 
 
-def test_deploy_status_update_and_rollback(fleet, bundles):
-    (dev,) = fleet.add(1)
-    t = dev.target()
+def pi(dev, **kw) -> Target:
+    return dev.target(user="pi", sudo=True, **kw)
+
+
+def nothing_installed(dev, user: str = "pi", prefix: str = "/opt/tvmbundle") -> bool:
+    return (not dev.exists(prefix) and not dev.exists("/etc/systemd/system/tvmbundle.service")
+            and not dev.exists(f"{dev.home(user)}/.cache/tvmbundle"))
+
+
+def test_first_install_update_rollback_as_pi_with_sudo(devices, bundles):
+    (dev,) = devices.add(1)
+    t = pi(dev)
     first = deploy(bundles["a"], t)
     assert first.previous_id is None and first.uploaded_bytes > 0
-    assert [s for s, _ in first.steps] == ["connect", "preflight", "upload", "assemble", "check", "switch",
-                                           "restart", "health", "prune"]
+    assert [s for s, _ in first.steps] == ["connect", "preflight", "upload", "install", "activate"]
+    # One survey before anything is sent, one round trip for the whole install, one for the switch.
+    assert first.round_trips["sh"] <= 5, first.round_trips
     assert serving(dev, bundles["a"])
+    # the real systemd runs the hardened unit, as a dynamic user; the release is the login user's
+    props = dev.sh("systemctl show -p ActiveState -p DynamicUser -p MainPID tvmbundle.service").stdout
+    assert "ActiveState=active" in props and "DynamicUser=yes" in props
+    pid = next(line.split("=")[1] for line in props.splitlines() if line.startswith("MainPID="))
+    uid = int(dev.sh(f"stat -c %u /proc/{pid}").stdout)
+    assert uid not in (0, int(dev.sh("id -u pi").stdout))
+    assert dev.sh("stat -c %U /opt/tvmbundle/releases").stdout.strip() == "pi"
+    assert dev.sh("stat -c %U /etc/systemd/system/tvmbundle.service").stdout.strip() == "root"
+    # the hardened unit as the device's own systemd rates it
+    sec = dev.sh("systemd-analyze security --no-pager tvmbundle.service").stdout
+    assert float(sec.rsplit("Overall exposure level for tvmbundle.service:", 1)[1].split()[0]) <= 2.5, sec[-500:]
+
     st = status(t)
     assert st.current == manifest(bundles["a"])["bundle_id"] and st.healthy and st.service == "active"
-    # inference over the network from here, on the device's address
     m = manifest(bundles["a"])
     out = Client(dev.service_url).infer([np.zeros(m["model"]["inputs"][0]["shape"], np.float32)])
     assert out[0].shape == (1, 10)
 
+    # the agent (the bundle's harness and libraries in pi's cache) shares its files with the store
+    agent = dev.sh("ls -d /home/pi/.cache/tvmbundle/agent/*/").stdout.split()
+    assert len(agent) == 1
+    harness_sha = next(f["sha256"] for f in m["files"] if f["path"] == "bin/tvm-deploy")
+    assert (dev.path(agent[0] + "bin/tvm-deploy").stat().st_ino
+            == dev.path(f"/opt/tvmbundle/store/sha256/{harness_sha}").stat().st_ino)
+    # an agent of an earlier harness is pruned by the next deploy
+    dev.sh("mkdir -p /home/pi/.cache/tvmbundle/agent/0123456789abcdef/bin && chown -R pi: /home/pi/.cache", check=True)
+
     second = deploy(bundles["b"], t)
-    model_size = next(f["size"] for f in manifest(bundles["b"])["files"] if f["path"] == "model/model.so")
+    assert not dev.exists("/home/pi/.cache/tvmbundle/agent/0123456789abcdef")
     expected_new = sum(f["size"] for f in manifest(bundles["b"])["files"]
                        if f["sha256"] not in {g["sha256"] for g in manifest(bundles["a"])["files"]})
+    model_size = next(f["size"] for f in manifest(bundles["b"])["files"] if f["path"] == "model/model.so")
     assert second.uploaded_bytes == expected_new and model_size <= expected_new
     assert second.uploaded_bytes < second.skipped_bytes      # the runtime and harness were not sent again
+    assert second.round_trips["sh"] <= 3, second.round_trips
     assert second.previous_id == first.bundle_id and serving(dev, bundles["b"])
 
     back = rollback(t)
-    assert back.bundle_id == first.bundle_id and serving(dev, bundles["a"])
+    assert back.bundle_id == first.bundle_id and serving(dev, bundles["a"], wait=10)
     assert current_id(dev) == first.bundle_id
 
     again = deploy(bundles["a"], t)      # re-deploying the current release sends nothing
-    assert again.uploaded_bytes == 0
+    assert again.uploaded_bytes == 0 and serving(dev, bundles["a"])
 
 
-def test_sshd_killed_mid_upload_then_redeploy_finishes(fleet, bundles):
-    (dev,) = fleet.add(1)
-    deploy(bundles["a"], dev.target())
-
-    def kill_after_first_file(event: str, detail: str) -> None:
-        if event == "uploaded":
-            dev.kill()
-
-    start = time.monotonic()
+def test_nosudo_login_is_refused_before_anything_is_sent(devices, bundles):
+    (dev,) = devices.add(1)
+    # /opt is root's: the prefix cannot be created, and there is no sudo to create it
     with pytest.raises(DeployError) as e:
-        deploy(bundles["b"], dev.target(), hook=kill_after_first_file, step_timeout=20)
-    assert e.value.step == "upload"
-    assert time.monotonic() - start < 60
-    # the device comes back: its previous release is still current, and it serves once restarted
-    dev.start()
-    assert current_id(dev) == manifest(bundles["a"])["bundle_id"]
-    assert restarted_and_serving(dev, bundles["a"])
-    done = deploy(bundles["b"], dev.target())
-    assert serving(dev, bundles["b"]) and done.uploaded_bytes < sum(f["size"] for f in manifest(bundles["b"])["files"])
+        deploy(bundles["a"], dev.target(user="nosudo"))
+    assert e.value.step == "preflight" and "not writable by nosudo" in e.value.problem
+    assert "nothing was sent" in e.value.problem and "--sudo" in (e.value.hint or "")
+    assert nothing_installed(dev, "nosudo")
+    # asking for sudo does not help a user sudo wants a password from: the error says so
+    with pytest.raises(DeployError) as e:
+        deploy(bundles["a"], dev.target(user="nosudo", sudo=True))
+    assert e.value.step == "preflight" and "sudo needs a password for nosudo" in e.value.problem
+    assert nothing_installed(dev, "nosudo")
+    # a prefix it owns is not enough: the unit and systemctl need root
+    with pytest.raises(DeployError) as e:
+        deploy(bundles["a"], dev.target(user="nosudo", prefix="/home/nosudo/models"))
+    assert e.value.step == "preflight" and "systemctl" in e.value.problem and "nothing was sent" in e.value.problem
+    assert nothing_installed(dev, "nosudo", prefix="/home/nosudo/models")
 
 
-def test_full_disk_fails_cleanly_and_keeps_serving(fleet, bundles, tmp_path):
-    (dev,) = fleet.add(1)
-    small = tmp_path / "small"
-    small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(small)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        t = dev.target(prefix=str(small / "tvmbundle"))
-        with pytest.raises(DeployError) as e:
-            deploy(bundles["a"], t)
-        assert e.value.step in ("preflight", "upload")
-        assert "space" in e.value.problem or "full" in e.value.problem
-        assert not list(small.rglob("*.part"))
-    finally:
-        subprocess.run(["umount", "-l", str(small)])
-    # A device whose disk fills mid-upload: fill it from outside after preflight passed.
-    t = dev.target()
+def test_health_gate_failure_rolls_back_and_the_previous_release_serves(devices, bundles):
+    (dev,) = devices.add(1)
+    t = pi(dev)
     deploy(bundles["a"], t)
-    sub = dev.prefix / "staging"
-    mnt_ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(dev.prefix / "store")]).returncode
-    assert mnt_ok == 0
-    try:
-        with pytest.raises(DeployError):
-            deploy(bundles["b"], t)
-    finally:
-        subprocess.run(["umount", "-l", str(dev.prefix / "store")])
-    assert not list(sub.glob("*.part"))
-    assert serving(dev, bundles["a"])
-
-
-def test_failing_selftest_on_the_device_switches_nothing(fleet, bundles, tmp_path):
-    (dev,) = fleet.add(1)
-    deploy(bundles["a"], dev.target())
-
-    bad = repack(bundles["b"], tmp_path, perturb_expected)
-    with pytest.raises(DeployError) as e:
-        deploy(bad, dev.target())
-    assert e.value.step == "selftest" and "nothing was switched" in e.value.problem
-    assert serving(dev, bundles["a"])
-
-
-def test_service_that_never_gets_healthy_is_rolled_back(fleet, bundles):
-    (dev,) = fleet.add(1)
-    deploy(bundles["a"], dev.target())
-
-    # Occupy the service's address so the new release's service cannot listen: it never becomes healthy.
+    # Hold the service's address so the new release's service cannot listen: it never becomes healthy.
     import socket
 
-    t = dev.target()
-    # stop the running service, hold its address, then deploy
     assert dev.systemctl("stop", "tvmbundle.service") == 0
     blocker = socket.socket()
     blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -189,82 +175,258 @@ def test_service_that_never_gets_healthy_is_rolled_back(fleet, bundles):
     finally:
         blocker.close()
     assert current_id(dev) == manifest(bundles["a"])["bundle_id"]
-    # with its address free again the previous release serves
-    assert restarted_and_serving(dev, bundles["a"])
+    # systemd restarts the failed service (Restart=on-failure): with its address free, a serves again
+    assert serving(dev, bundles["a"], wait=30)
 
 
-def test_unknown_and_changed_host_keys_are_refused_before_anything_is_sent(fleet, bundles):
-    (dev,) = fleet.add(1)
+def test_failing_selftest_on_the_device_switches_nothing(devices, bundles, tmp_path):
+    (dev,) = devices.add(1)
+    deploy(bundles["a"], pi(dev))
+    bad = repack(bundles["b"], tmp_path, perturb_expected)
+    with pytest.raises(DeployError) as e:
+        deploy(bad, pi(dev))
+    assert e.value.step == "selftest" and "nothing was switched" in e.value.problem
+    assert serving(dev, bundles["a"])
+
+
+def test_full_disk_fails_cleanly_and_keeps_serving(devices, bundles):
+    (dev,) = devices.add(1)
+    dev.mount_tmpfs("/srv/small", "5m")
+    with pytest.raises(DeployError) as e:
+        deploy(bundles["a"], pi(dev, prefix="/srv/small/tvmbundle"))
+    assert e.value.step == "preflight" and "space" in e.value.problem
+    assert not dev.exists("/srv/small/tvmbundle")
+    # A disk that fills after preflight passed (something else writes to it): the upload fails,
+    # leaves no partial file behind, and the running release is untouched.
+    dev.mount_tmpfs("/srv/fs", "12m")
+    prefix = "/srv/fs/tvmbundle"
+    dev.serve_from(prefix)
+    t = pi(dev, prefix=prefix)
+    deploy(bundles["a"], t)
+
+    def fill_at_upload(event: str, detail: str) -> None:
+        if event == "step" and detail == "upload":
+            dev.sh("dd if=/dev/zero of=/srv/fs/filler bs=64k 2>/dev/null; true")
+
+    with pytest.raises(DeployError) as e:
+        deploy(bundles["b"], t, hook=fill_at_upload)
+    assert e.value.step == "upload" and "full disk" in e.value.problem
+    assert not dev.sh(f"ls {prefix}/staging").stdout.split()
+    dev.sh("rm -f /srv/fs/filler")
+    assert current_id(dev, prefix) == manifest(bundles["a"])["bundle_id"] and serving(dev, bundles["a"])
+
+
+def crafted(src: Path, tmp: Path, change) -> tuple[Path, Path, dict]:
+    """A bundle whose manifest ``change(manifest)`` altered after it was built: (tarball, its top folder, manifest)."""
+    work = tmp / f"crafted{len(list(tmp.glob('crafted*')))}"
+    top = bundle_mod.extract(src, work / "x")
+    m = json.loads((top / "manifest.json").read_text())
+    change(m)
+    (top / "manifest.json").write_text(json.dumps(m))
+    out = work / src.name
+    bundle_mod.write_tarball(top, top.name, out, bundle_mod.DEFAULT_EPOCH)
+    return out, top, m
+
+
+def deploy_unchecked(top: Path, m: dict, t: Target, monkeypatch, unit_from: dict, health_timeout: float = 30.0):
+    """The deploy with the host's own checks of the manifest and the prefix switched off: what reaches
+    the device then, and what the device does with it alone. The manifest is loaded without its
+    checks (what a reader that skipped them would hold); the unit is rendered from ``unit_from`` for
+    the default prefix and the prefix put in after, since rendering validates both."""
+    render = release.render_unit
+    typed = schema.load(Manifest, m, "crafted", checks=False)
+    with monkeypatch.context() as mp:
+        mp.setattr(release, "check_manifest", lambda manifest, host: None)
+        mp.setattr(release, "check_prefix", lambda prefix: prefix.rstrip("/"))
+        mp.setattr(release, "render_unit", lambda manifest, prefix: render(unit_from, "/opt/tvmbundle").replace(
+            "/opt/tvmbundle", prefix).replace(f"({unit_from['name']})", f"({manifest.name})"))
+        return release._deploy(top, typed, t, 3, health_timeout, 60.0, release.Progress(quiet=True), None)
+
+
+def test_crafted_manifest_paths_are_refused_on_host_and_device(devices, bundles, tmp_path, monkeypatch):
+    (dev,) = devices.add(1)
+    t = pi(dev)
+    deploy(bundles["a"], t)
+    a_id = manifest(bundles["a"])["bundle_id"]
+    model = next(f for f in manifest(bundles["a"])["files"] if f["path"] == "model/model.so")
+
+    for path, name, why in (("../../../../tmp/x", "c", "leaves the release folder"),
+                            ("/tmp/x", "d", "is absolute"), ("model/../../../../tmp/x", "e", "leaves the release")):
+        def change(m: dict, path: str = path, name: str = name) -> None:
+            # a file the device's store already has, so it is not even sent: only its path is wrong
+            m["files"].append({**model, "path": path})
+            m["bundle_id"] = name * 64
+        bad, top, m = crafted(bundles["a"], tmp_path, change)
+        # 1. the host refuses it before it connects (reading the manifest, then deploy's own check)
+        with pytest.raises(UserError) as e:
+            deploy(bad, t)
+        assert repr(path) in str(e.value) and "not allowed" in str(e.value)
+        # 2. without the host's checks, `tvm-deploy install` on the device refuses it, naming the path
+        with pytest.raises(DeployError) as e:
+            deploy_unchecked(top, m, t, monkeypatch, manifest(bundles["a"]))
+        assert e.value.step == "install" and f"'{path}'" in e.value.problem and why in e.value.problem
+        assert not dev.exists("/tmp/x") and not dev.exists("/opt/tmp/x") and not dev.exists("/opt/tvmbundle/tmp")
+        assert not dev.exists(f"/opt/tvmbundle/releases/{name * 64}")
+        assert not dev.exists(f"/opt/tvmbundle/releases/{name * 64}.partial")
+        assert current_id(dev) == a_id and serving(dev, bundles["a"])
+
+
+def test_shell_metacharacters_in_user_values_run_nothing(devices, bundles, tmp_path, monkeypatch, run_cli):
+    (dev,) = devices.add(1)
+    markers = ["/tmp/pwned-prefix", "/tmp/pwned-name", "/tmp/pwned-to", "/tmp/pwned-host"]
+    # unquoted in a shell, this prefix would run `tee >/tmp/pwned-prefix` and `touch >/tmp/pwned-prefix`
+    prefix = "/opt/t|tee>/tmp/pwned-prefix&&(touch>/tmp/pwned-prefix)"
+    name = "net';touch /tmp/pwned-name;$(touch /tmp/pwned-name)`touch /tmp/pwned-name`\"&"
+    odd, top, m = crafted(bundles["a"], tmp_path, lambda m: m.update(name=name, bundle_id="f" * 64))
+    # 1. the host refuses them before anything connects
+    with pytest.raises(UserError, match="name: .* is not allowed"):
+        deploy(odd, pi(dev))
+    for bad in (prefix, "/opt/a b", "/opt/$(touch /tmp/pwned-prefix)", "/opt/a;b", "/opt/%n", "/opt/a\nb",
+                "opt/x", "/opt/../x"):
+        with pytest.raises(UserError, match="--prefix"):
+            deploy(bundles["a"], pi(dev, prefix=bad))
+    code, _, err = run_cli("status", "--host", f"pi@{dev.host};touch /tmp/pwned-host", "--identity", str(dev.key))
+    assert code == 2 and "is not allowed" in err
+    # 2. past the host's checks they reach the device only as argv elements or quoted: a whole deploy,
+    #    status and rollback with them run nothing extra (systemd reads such a prefix literally). The
+    #    name reaches the device only inside files; the service itself cannot serve such a name (its
+    #    URL path), so the release that serves has the bundle's own name.
+    dev.serve_from(prefix)
+    t = pi(dev, prefix=prefix)
+    with pytest.raises(DeployError) as e:
+        deploy_unchecked(top, m, t, monkeypatch, manifest(bundles["a"]), health_timeout=3)
+    assert e.value.step == "health"
+    assert json.loads(dev.path(f"{prefix}/releases/{m['bundle_id']}/manifest.json").read_text())["name"] == name
+    plain = bundle_mod.extract(bundles["a"], tmp_path / "plain")
+    deploy_unchecked(plain, manifest(bundles["a"]), t, monkeypatch, manifest(bundles["a"]))
+    assert serving(dev, bundles["a"])
+    with monkeypatch.context() as mp:
+        mp.setattr(release, "check_prefix", lambda p: p)
+        st = status(t)
+        assert st.healthy and st.current == manifest(bundles["a"])["bundle_id"]
+        with pytest.raises(DeployError) as e:
+            rollback(t, to="$(touch /tmp/pwned-to);`touch /tmp/pwned-to`")
+        assert "matches 0 kept releases" in e.value.problem
+    for marker in markers:
+        assert not dev.exists(marker), marker
+        assert not Path(marker).exists(), marker
+
+
+def test_unknown_and_changed_host_keys_are_refused_before_anything_is_sent(devices, bundles, tmp_path):
+    (dev,) = devices.add(1)
     dev.known_hosts.write_text("")
     with pytest.raises(DeployError) as e:
-        deploy(bundles["a"], dev.target())
+        deploy(bundles["a"], pi(dev))
     assert e.value.step == "connect" and "unknown host key" in e.value.problem
-    assert not list(dev.prefix.iterdir())
-    # a changed key: the device was "reinstalled" with a new host key
-    dev.trust()
-    old_known = dev.known_hosts.read_text()
-    dev.kill()
-    (dev.root / "ssh_host_ed25519_key").unlink()
-    (dev.root / "ssh_host_ed25519_key.pub").unlink()
-    dev.setup()
-    dev.start()
-    dev.known_hosts.write_text(old_known)
+    # a changed key: known_hosts remembers another key for this address
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True)
+    fake = (tmp_path / "k.pub").read_text().split()[:2]
+    dev.known_hosts.write_text(f"[{dev.host}]:{dev.port} {fake[0]} {fake[1]}\n")
     with pytest.raises(DeployError) as e:
-        deploy(bundles["a"], dev.target(accept_new_host_key=True))
+        deploy(bundles["a"], pi(dev, accept_new_host_key=True))
     assert e.value.step == "connect" and "CHANGED" in e.value.problem
-    assert not list(dev.prefix.iterdir())
+    assert nothing_installed(dev)
     # accepting a new key is an explicit option, and then it is recorded
     dev.known_hosts.write_text("")
-    deploy(bundles["a"], dev.target(accept_new_host_key=True))
+    deploy(bundles["a"], pi(dev, accept_new_host_key=True))
     assert dev.host in dev.known_hosts.read_text()
 
 
-def test_wrong_credentials_are_refused(fleet, bundles, tmp_path):
-    (dev,) = fleet.add(1)
+def test_wrong_credentials_are_refused(devices, bundles, tmp_path):
+    (dev,) = devices.add(1)
     other = tmp_path / "other_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
     with pytest.raises(DeployError) as e:
-        deploy(bundles["a"], dev.target(identity=other))
+        deploy(bundles["a"], pi(dev, identity=other))
     assert e.value.step == "connect" and "authentication failed" in e.value.problem
-    assert not list(dev.prefix.iterdir())
+    assert nothing_installed(dev)
 
 
-def test_wrong_architecture_device_is_refused_at_preflight(fleet, tmp_path):
-    (dev,) = fleet.add(1)
+@pytest.mark.slow                 # builds an aarch64 bundle
+def test_wrong_architecture_device_is_refused_at_preflight(devices, tmp_path):
+    (dev,) = devices.add(1)
     models.conv_net(tmp_path / "n.onnx")
     rpi = api.make("rpi4", tmp_path / "n.onnx", out_dir=tmp_path, run_verify=False).bundle
     with pytest.raises(DeployError) as e:
-        deploy(rpi, dev.target())
+        deploy(rpi, pi(dev))
     assert e.value.step == "preflight" and "the device is x86_64, the bundle is for aarch64" in e.value.problem
-    assert not list(dev.prefix.iterdir())
+    assert nothing_installed(dev)          # not even the (aarch64) harness was sent
 
 
-def test_cli_deploy_status_rollback(fleet, bundles, run_cli, monkeypatch):
-    (dev,) = fleet.add(1)
-    conn = ["--host", f"root@{dev.host}:{dev.port}", "--identity", str(dev.key), "--known-hosts",
-            str(dev.known_hosts), "--prefix", str(dev.prefix)]
-    # The CLI installs units into /etc/systemd/system; the test device keeps them in its own folder.
-    import bundler.device.ssh as ssh_mod
+def test_cli_deploy_status_rollback_with_sudo(devices, bundles, run_cli):
+    (dev,) = devices.add(1)
+    conn = ["--host", f"pi@{dev.host}:{dev.port}", "--identity", str(dev.key), "--known-hosts",
+            str(dev.known_hosts), "--sudo"]
+    code, out, err = run_cli("deploy", str(bundles["a"]), *conn, "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out)["bundle_id"] == manifest(bundles["a"])["bundle_id"]
+    code, out, err = run_cli("deploy", str(bundles["b"]), *conn, "-q")
+    assert code == 0 and "is current and healthy" in out, err
+    code, out, err = run_cli("status", *conn)
+    assert code == 0 and "healthy" in out and manifest(bundles["b"])["bundle_id"][:12] in out, err
+    code, out, err = run_cli("rollback", *conn, "-q")
+    assert code == 0 and "is current again" in out, err
+    assert serving(dev, bundles["a"], wait=10)
+    code, out, err = run_cli("deploy", str(bundles["a"]), "--host", "root@bad host", "-q")
+    assert code == 2 and "--host: 'root@bad host' is not allowed" in err
+    code, out, err = run_cli("status", "--host", f"pi@{dev.host}:{dev.port}", "--identity", str(dev.key),
+                             "--known-hosts", str(dev.key) + ".nothing")
+    assert code == 2 and "connect: unknown host key" in err
 
-    orig = ssh_mod.Target.parse
 
-    def parse(spec, **kw):
-        return orig(spec, **kw).with_(unit_dir=str(dev.unit_dir))
+# --- a device that vanishes mid-transfer -------------------------------------------------------------
+# Kept on the plain sshd devices of tests/sshd.py with their systemctl TEST DOUBLE, for a reason: the
+# device must die at once, sessions, transfer and service together, at an exact point of the upload.
+# An sshd that is PID 1 of its own PID namespace does so on one SIGKILL; an nspawn device shuts down
+# in steps (and cleanly, which is not the fault under test).
 
-    monkeypatch.setattr(ssh_mod.Target, "parse", staticmethod(parse))
-    if True:
-        code, out, err = run_cli("deploy", str(bundles["a"]), *conn, "--json", "-q")
-        assert code == 0, err
-        assert json.loads(out)["bundle_id"] == manifest(bundles["a"])["bundle_id"]
-        code, out, err = run_cli("deploy", str(bundles["b"]), *conn, "-q")
-        assert code == 0 and "is current and healthy" in out, err
-        code, out, err = run_cli("status", *conn)
-        assert code == 0 and "healthy" in out and manifest(bundles["b"])["bundle_id"][:12] in out
-        code, out, err = run_cli("rollback", *conn, "-q")
-        assert code == 0 and "is current again" in out
-        assert serving(dev, bundles["a"])
-        code, out, err = run_cli("deploy", str(bundles["a"]), "--host", "root@bad host", "-q")
-        assert code == 2 and "--host: 'root@bad host' is not allowed" in err
-        code, out, err = run_cli("status", "--host", f"root@{dev.host}:{dev.port}", "--identity", str(dev.key),
-                                 "--known-hosts", str(dev.key) + ".nothing")
-        assert code == 2 and "connect: unknown host key" in err
+@pytest.mark.skipif(not (shutil.which("sshd") and shutil.which("unshare")), reason="needs openssh-server and unshare")
+def test_sshd_killed_mid_upload_then_redeploy_finishes(tmp_path, bundles):
+    with Fleet(tmp_path) as fleet:
+        (dev,) = fleet.add(1)
+        deploy(bundles["a"], dev.target())
+
+        def kill_after_first_file(event: str, detail: str) -> None:
+            if event == "uploaded":
+                dev.kill()
+
+        with pytest.raises(DeployError) as e:
+            deploy(bundles["b"], dev.target(), hook=kill_after_first_file, step_timeout=20)
+        assert e.value.step == "upload"
+        # the device comes back: its previous release is still current, and it serves once restarted
+        dev.start()
+        link = dev.prefix / "current"
+        assert link.readlink().name == manifest(bundles["a"])["bundle_id"]
+        assert dev.systemctl("restart", "tvmbundle.service") == 0
+        c = Client(dev.service_url, timeout=5)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not c.healthy():
+            time.sleep(0.2)
+        assert c.info()["bundle_id"] == manifest(bundles["a"])["bundle_id"]
+        done = deploy(bundles["b"], dev.target())
+        assert done.uploaded_bytes < sum(f["size"] for f in manifest(bundles["b"])["files"])
+        assert Client(dev.service_url, timeout=5).info()["bundle_id"] == manifest(bundles["b"])["bundle_id"]
+
+
+def test_device_commands_answer_in_json(devices, bundles):
+    """`tvm-deploy survey` and friends take argv and print one JSON document (what the host reads)."""
+    (dev,) = devices.add(1)
+    deploy(bundles["a"], pi(dev))
+    deploy(bundles["b"], pi(dev))
+    exe = "/opt/tvmbundle/current/bin/tvm-deploy"
+    a_only = {f["sha256"] for f in manifest(bundles["a"])["files"]} - {f["sha256"] for f in manifest(bundles["b"])["files"]}
+    with Remote(pi(dev)) as r:
+        survey = json.loads(r.run([exe, "survey", "--prefix", "/opt/tvmbundle", "--sudo"], "t").out)
+        assert survey["ok"] and survey["arch"] == "x86_64" and survey["sudo"]["ok"] and survey["prefix"]["writable"]
+        assert survey["current"] == manifest(bundles["b"])["bundle_id"]
+        assert survey["releases"] == [manifest(bundles["b"])["bundle_id"], manifest(bundles["a"])["bundle_id"]]
+        # gc keeps the current release and removes the other with the store files only it used
+        gc = json.loads(r.run([exe, "gc", "--prefix", "/opt/tvmbundle", "--keep", "1"], "t").out)
+        assert gc["ok"] and gc["gc"]["removed_releases"] == [manifest(bundles["a"])["bundle_id"]]
+        assert gc["gc"]["removed_files"] == len(a_only)
+        assert not any(dev.exists(f"/opt/tvmbundle/store/sha256/{h}") for h in a_only)
+        bad = r.run([exe, "activate", "--prefix", "/opt/tvmbundle", "--release", "../../etc"], "t", check=False)
+        assert bad.code == 1 and json.loads(bad.out)["ok"] is False
+        usage = r.run([exe, "install", "--prefix", "/opt/tvmbundle", "--bogus"], "t", check=False)
+        assert usage.code == 2 and "unknown argument '--bogus'" in usage.err
+    assert serving(dev, bundles["b"])

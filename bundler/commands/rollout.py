@@ -27,6 +27,8 @@ def register(subparsers) -> None:
     s.add_argument("--identity", metavar="KEY_FILE")
     s.add_argument("--known-hosts", metavar="FILE")
     s.add_argument("--accept-new-host-key", action="store_true")
+    s.add_argument("--sudo", action="store_true",
+                   help="every host logs in as a user with passwordless sudo (or set sudo = true in the inventory)")
     s.add_argument("--health-timeout", type=float, default=30.0, metavar="S")
     s.add_argument("--step-timeout", type=float, default=60.0, metavar="S")
     s.add_argument("--json", action="store_true")
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         max_failures=args.max_failures, parallel=args.parallel, dry_run=args.dry_run,
         identity=Path(args.identity) if args.identity else None,
         known_hosts=Path(args.known_hosts) if args.known_hosts else None,
-        accept_new_host_key=args.accept_new_host_key, health_timeout=args.health_timeout,
+        accept_new_host_key=args.accept_new_host_key, sudo=args.sudo or None, health_timeout=args.health_timeout,
         step_timeout=args.step_timeout, report_path=Path(args.report) if args.report else None,
         listener=listener, stop=stop)
     if args.json:

@@ -14,6 +14,8 @@ from bundler.errors import EXIT_OK
 def register(subparsers) -> None:
     s = subparsers.add_parser("status", help="a device's current and kept releases, service state and health")
     common.connection_options(s)
+    s.add_argument("--sudo", action="store_true",
+                   help="log in as a user with passwordless sudo: only the unit and systemctl run through sudo -n")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=run)
 
@@ -21,7 +23,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from bundler.device import release
 
-    st = release.status(common.ssh_target(args), prefix=args.prefix)
+    st = release.status(common.ssh_target(args).with_(sudo=args.sudo), prefix=args.prefix)
     if args.json:
         print(json.dumps(st.__dict__, indent=2))
         return EXIT_OK

@@ -478,7 +478,7 @@ def display_path(p: Path) -> str:
         return str(p)
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
@@ -520,7 +520,7 @@ def load(name_or_path: str) -> Recipe:
             raise RecipeError(display_path(chain[-1]), "extends", f"recipes extend each other in a cycle: {cycle}")
         chain.append(current)
         file = display_path(current)
-        data = _read_toml(current)
+        data = read_toml(current)
         if "format" not in data:
             raise RecipeError(file, "format", f"missing; every recipe starts with 'format = {FORMAT}'")
         if data["format"] != FORMAT or isinstance(data["format"], bool):

@@ -1,7 +1,6 @@
 """Fleet rollouts: one bundle to many devices, in waves, stopping and rolling back on failures.
 
-An inventory is TOML (``format = 1``) with a ``[hosts.NAME]`` table per device,
-validated like recipes.  A rollout plans waves (a canary wave, then batches of a
+The inventory (:mod:`bundler.config.inventory`) lists the hosts.  A rollout plans waves (a canary wave, then batches of a
 size or a percentage), deploys the hosts of a wave in parallel up to a limit,
 and lets the next wave start only when the failures so far stay within the
 threshold.  When they cross it, the hosts of the failed wave that did switch are
@@ -14,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -22,90 +22,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11
-    import tomli as tomllib  # type: ignore[no-redef]
-
-from bundler.config.recipe import display_path
+from bundler.config.inventory import Host
+from bundler.config.inventory import load as load_inventory  # noqa: F401 (the fleet's API)
 from bundler.device import release
-from bundler.device.ssh import Remote, Target
-from bundler.errors import DeployError, RecipeError, UserError, did_you_mean
+from bundler.device.ssh import Target
+from bundler.errors import DeployError, UserError
 from bundler.package import bundle as bundle_mod
-
-HOST_KEYS = ("address", "user", "port", "board", "groups", "prefix")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-@dataclass(frozen=True)
-class Host:
-    name: str
-    address: str
-    user: str
-    port: int
-    board: str
-    groups: tuple[str, ...]
-    prefix: str | None
-
-
-def load_inventory(path: Path | str) -> list[Host]:
-    path = Path(path)
-    file = display_path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"inventory not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(file, "", f"not valid TOML: {e}") from None
-    if data.get("format") != 1:
-        raise RecipeError(file, "format", f"{data.get('format')!r} is not allowed; this tvmbundle reads "
-                                          "inventory format 1" if "format" in data else
-                                          "missing; every inventory starts with 'format = 1'")
-    for key in data:
-        if key not in ("format", "defaults", "hosts"):
-            raise RecipeError(file, key, f"unknown key{did_you_mean(key, ['defaults', 'hosts'])}; "
-                                         "allowed at the top level: format, defaults, hosts")
-    defaults = data.get("defaults", {})
-    if not isinstance(defaults, dict):
-        raise RecipeError(file, "defaults", f"expected a table, got {defaults!r}")
-    for key in defaults:
-        if key not in HOST_KEYS or key == "address":
-            allowed = [k for k in HOST_KEYS if k != "address"]
-            raise RecipeError(file, f"defaults.{key}", f"unknown key{did_you_mean(key, allowed)}; "
-                                                       f"allowed: {', '.join(allowed)}")
-    hosts_t = data.get("hosts")
-    if not isinstance(hosts_t, dict) or not hosts_t:
-        raise RecipeError(file, "hosts", "missing or empty; add a [hosts.NAME] table per device")
-    hosts = []
-    for name, raw in hosts_t.items():
-        where = f"hosts.{name}"
-        if not _NAME.match(name):
-            raise RecipeError(file, where, "host names are letters, digits, '.', '_' and '-'")
-        if not isinstance(raw, dict):
-            raise RecipeError(file, where, f"expected a table, got {raw!r}")
-        for key in raw:
-            if key not in HOST_KEYS:
-                raise RecipeError(file, f"{where}.{key}", f"unknown key{did_you_mean(key, HOST_KEYS)}; "
-                                                          f"allowed: {', '.join(HOST_KEYS)}")
-        v = {**defaults, **raw}
-        if not isinstance(v.get("address"), str) or not v["address"]:
-            raise RecipeError(file, f"{where}.address", "missing; the device's host name or IP address")
-        if not isinstance(v.get("board"), str) or not v["board"]:
-            raise RecipeError(file, f"{where}.board", "missing; the board recipe the device runs (e.g. rpi4)")
-        port = v.get("port", 22)
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise RecipeError(file, f"{where}.port", f"{port!r} is not allowed; expected an integer from 1 to 65535")
-        groups = v.get("groups", [])
-        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
-            raise RecipeError(file, f"{where}.groups", f"expected an array of strings, got {groups!r}")
-        prefix = v.get("prefix")
-        if prefix is not None and (not isinstance(prefix, str) or not prefix.startswith("/")):
-            raise RecipeError(file, f"{where}.prefix", f"{prefix!r} is not allowed; expected an absolute path")
-        user = v.get("user", "root")
-        if not isinstance(user, str) or not user:
-            raise RecipeError(file, f"{where}.user", f"expected a user name, got {user!r}")
-        hosts.append(Host(name, v["address"], user, port, v["board"], tuple(groups), prefix))
-    return hosts
+from bundler.package.manifest import Manifest
 
 
 def parse_amount(text: str, total: int, what: str) -> int:
@@ -166,16 +89,14 @@ Listener = Callable[[HostReport], None]
 def rollout(bundle_path: Path | str, hosts: list[Host], *, group: str | None = None, canary: int = 1,
             batch: str = "25%", max_failures: str = "10%", parallel: int = 16, dry_run: bool = False,
             identity: Path | None = None, known_hosts: Path | None = None, accept_new_host_key: bool = False,
-            unit_dir: str | None = None, keep: int = 3, health_timeout: float = 30.0, step_timeout: float = 60.0,
+            sudo: bool | None = None, unit_dir: str | None = None, keep: int = 3, health_timeout: float = 30.0, step_timeout: float = 60.0,
             report_path: Path | None = None, listener: Listener | None = None,
             stop: threading.Event | None = None) -> RolloutReport:
     bundle_path = Path(bundle_path)
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="tvmbundle-rollout-") as tmp:
         top = bundle_mod.extract(bundle_path, Path(tmp))
-        manifest = bundle_mod.read_manifest(top, str(bundle_path))
-    bid, board = manifest["bundle_id"], manifest["board"]["name"]
+        manifest = bundle_mod.load_manifest(top, str(bundle_path))
+    bid, board = manifest.bundle_id, manifest.board.name
     chosen = [h for h in hosts if group is None or group in h.groups]
     if not chosen:
         raise UserError(f"--group: no host of the inventory is in group {group!r}")
@@ -200,8 +121,10 @@ def rollout(bundle_path: Path | str, hosts: list[Host], *, group: str | None = N
     stop = stop or threading.Event()
 
     def target(h: Host) -> Target:
-        kw = dict(identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
-                  prefix=h.prefix)
+        # sudo: the inventory's per host (or [defaults]) unless the caller says so for all
+        kw: dict[str, Any] = {"identity": identity, "known_hosts": known_hosts,
+                              "accept_new_host_key": accept_new_host_key, "prefix": h.prefix,
+                              "sudo": h.sudo if sudo is None else sudo}
         if unit_dir:
             kw["unit_dir"] = unit_dir
         return Target(host=h.address, user=h.user, port=h.port, **kw)
@@ -279,13 +202,10 @@ def rollout(bundle_path: Path | str, hosts: list[Host], *, group: str | None = N
     return report
 
 
-def _already_current(t: Target, manifest: dict[str, Any], step_timeout: float) -> bool:
-    prefix = (t.prefix or manifest.get("install", {}).get("prefix") or "/opt/tvmbundle").rstrip("/")
-    with Remote(t, step_timeout=step_timeout) as r:
-        if release._current(r, prefix) != manifest["bundle_id"]:
-            return False
-        probe = r.sh(f"{release.q(prefix + '/current/bin/tvm-deploy')} probe --timeout 2", "health", check=False)
-        return probe.code == 0
+def _already_current(t: Target, manifest: Manifest, step_timeout: float) -> bool:
+    """One round trip: the device's `tvm-deploy status` says the bundle is current and healthy."""
+    st = release.status(t, prefix=t.prefix or manifest.install.prefix, step_timeout=step_timeout)
+    return st.current == manifest.bundle_id and st.healthy
 
 
 def _roll_back_wave(wave: list[Host], by_name: dict[str, HostReport], target, health_timeout: float,

@@ -4,19 +4,38 @@ Device layout under the install prefix (the same an overlay image lays down)::
 
     PREFIX/store/sha256/<hex>        every file ever uploaded, by content: a later bundle sends only
                                      the files the device lacks (a model-only update sends the model)
-    PREFIX/releases/<bundle id>/     a release: store files hard-linked into the bundle's layout
+    PREFIX/releases/<bundle id>/     a release: store files hard-linked into the bundle's layout,
+                                     its manifest.json and its own unit (.deploy/<unit>)
     PREFIX/current -> releases/<id>  the live release, switched with one rename
     PREFIX/staging/                  uploads in progress (*.part), checked on the device before use
 
-Every step is idempotent, so re-running a deploy that was interrupted anywhere
-finishes it; and until the switch nothing the running release uses is touched.
-After the switch, a restart or health failure switches back and restarts the
-previous release before the error is raised.
+What runs on the device is code, not shell snippets: the bundle's own harness
+(``bin/tvm-deploy``) has the subcommands ``survey``, ``prepare``, ``install``,
+``activate``, ``gc`` and ``status`` (bundler/build/harness_src/device.h), each
+taking argv and printing one JSON document -- the way Ansible ships its modules.
+The harness and its libraries form the *agent*, kept content-addressed in the
+login user's ``~/.cache/tvmbundle/agent/<id>/``; a device that lacks it gets it
+first (after a few shell checks that refuse, before anything is sent, a device
+the deploy could not finish on), and later deploys of the same harness find it.
+The only shell left is the line that finds the agent: every value in it is quoted.
+
+A deploy is: survey (one round trip), [prepare], upload of the missing files,
+install (check every staged file's SHA-256, assemble the release from store hard
+links, check it, run its selftest), activate (switch ``current``, install the
+release's unit, daemon-reload, restart, health gate, prune). Until the switch
+nothing the running release uses is touched; after it, a restart or health
+failure switches back and restarts the previous release before the error is raised.
+
+With ``sudo`` (``--sudo``) exactly the steps that need root -- creating the prefix
+(then owned by the login user), installing the unit, systemctl -- run through
+``sudo -n``; everything else runs as the login user.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shlex
 import tempfile
 import time
@@ -26,16 +45,19 @@ from pathlib import Path
 from typing import Any
 
 from bundler.build.elf import version_key
-from bundler.config import cpu
+from bundler.config import cpu, values
 from bundler.device.ssh import Remote, Target
 from bundler.errors import DeployError, UserError
 from bundler.package import bundle as bundle_mod
+from bundler.package.manifest import MANIFEST, FileEntry, Manifest
 from bundler.package.service import UNIT, render_unit
 from bundler.progress import Progress
 
 MARGIN = 1 << 20   # free space kept beyond what the upload needs
+AGENT_HOME = '"${HOME:-/tmp}/.cache/tvmbundle/agent/"'   # expanded by the device's shell, per login user
 
 Hook = Callable[[str, str], None]   # (event, detail): "step" name, "uploaded" file; tests use it to inject faults
+
 
 
 @dataclass
@@ -47,6 +69,7 @@ class DeployResult:
     uploaded_bytes: int = 0
     skipped_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
+    round_trips: dict[str, int] = field(default_factory=dict)   # SSH commands ("sh") and transfers ("put")
 
 
 @dataclass
@@ -85,51 +108,177 @@ class _Steps:
         return _Ctx()
 
 
-# --- the device side, as shell commands ---------------------------------------------------
+# --- what the host checks before it connects ---------------------------------------------
 
-def _prefix_of(target: Target, manifest: dict[str, Any]) -> str:
-    prefix = (target.prefix or manifest.get("install", {}).get("prefix") or "/opt/tvmbundle").rstrip("/")
-    if not prefix.startswith("/"):
-        raise UserError(f"--prefix: {prefix!r} is not allowed; expected an absolute path")
-    return prefix
-
-
-def _health(r: Remote, prefix: str, deadline_s: float) -> tuple[bool, str]:
-    """Poll the service's /healthz from the device until it answers 200 or the deadline passes."""
-    end = time.monotonic() + deadline_s
-    last = ""
-    while True:
-        res = r.sh(f"{q(prefix + '/current/bin/tvm-deploy')} probe --timeout 2", "health", check=False, timeout=15)
-        if res.code == 0:
-            return True, ""
-        last = (res.err or res.out).strip().splitlines()[-1:] or [""]
-        last = last[0]
-        if time.monotonic() >= end:
-            return False, last
-        time.sleep(0.5)
+def check_prefix(prefix: str) -> str:
+    """The install prefix, or UserError before anything connects: absolute, normalised, and only
+    characters that neither systemd (the unit's ExecStart=/ReadOnlyPaths=) nor a shell reads as syntax.
+    (The device side quotes it anyway: every value reaches the device as an argv element or quoted.)"""
+    p = prefix.rstrip("/") or "/"
+    problem = values.install_prefix(p)
+    if problem:
+        raise UserError(f"--prefix: {problem}")
+    return p
 
 
-def _systemd(r: Remote) -> bool:
-    return r.sh("command -v systemctl >/dev/null 2>&1", "preflight", check=False).code == 0
+def _prefix_of(target: Target, manifest: Manifest) -> str:
+    return check_prefix(target.prefix or manifest.install.prefix)
 
 
-def _restart(r: Remote, unit: str) -> None:
-    r.run(["systemctl", "restart", unit], "restart", timeout=60)
+def check_manifest(manifest: Manifest, host: str) -> None:
+    """What deploy reserves on top of what every manifest is checked for when it loads (paths inside
+    the release, ids, names): the release's ``.deploy/`` folder, where its unit lives."""
+    for i, f in enumerate(manifest.files):
+        if f.path.split("/")[0] == ".deploy":
+            raise DeployError(host, "preflight", f"the bundle's manifest.json lists files[{i}].path {f.path!r}: "
+                                                 "not allowed: .deploy/ is reserved for the deploy itself; "
+                                                 "nothing was sent")
 
 
-def _switch(r: Remote, prefix: str, release_id: str | None, step: str) -> None:
-    """Point PREFIX/current at releases/ID with one rename (atomic), or remove it for None."""
-    if release_id is None:
-        r.run(["rm", "-f", f"{prefix}/current"], step)
-        return
-    new = f"{prefix}/.current.new"
-    r.sh(f"ln -sfn {q('releases/' + release_id)} {q(new)} && mv -Tf {q(new)} {q(prefix + '/current')}", step)
+# --- the agent: the bundle's own harness, run on the device ---------------------------------
+
+def _agent_files(manifest: Manifest) -> list[FileEntry]:
+    return sorted((f for f in manifest.files if f.path == "bin/tvm-deploy" or f.path.startswith("lib/")),
+                  key=lambda f: f.path)
 
 
-def _current(r: Remote, prefix: str) -> str | None:
-    res = r.sh(f"readlink {q(prefix + '/current')}", "status", check=False)
-    link = res.out.strip()
-    return link.rsplit("/", 1)[-1] if res.code == 0 and link else None
+def _agent_id(files: list[FileEntry]) -> str:
+    return hashlib.sha256("".join(f"{f.sha256} {f.path}\n" for f in files).encode()).hexdigest()[:16]
+
+
+class _Agent:
+    """Calls `tvm-deploy SUBCOMMAND` on the device and reads its JSON answer."""
+
+    def __init__(self, r: Remote, exe: str, setup: str = ""):
+        self.r, self.exe, self.setup = r, exe, setup      # exe: a shell word ("$A/bin/tvm-deploy", quoted)
+
+    def call(self, cmd: str, args: list[str], step: str, *, timeout: float | None = None,
+             tail: str = "") -> dict[str, Any]:
+        """``tail``: arguments already written as shell words (``--from "$A"``)."""
+        script = f"{self.setup}exec {self.exe} {shlex.join([cmd, *args])}{tail}"
+        res = self.r.sh(script, step, check=False, timeout=timeout)
+        return _answer(self.r, cmd, step, res)
+
+
+def _answer(r: Remote, cmd: str, step: str, res) -> dict[str, Any]:
+    doc = None
+    for line in reversed(res.out.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                pass
+            break
+    if not isinstance(doc, dict):
+        tail = " | ".join((res.err or res.out).strip().splitlines()[-3:])
+        raise DeployError(r.target.name, step, f"tvm-deploy {cmd} on the device failed (exit {res.code}): "
+                                               f"{tail or 'no output'}")
+    if not doc.get("ok"):
+        raise DeployError(r.target.name, doc.get("step") or step, doc.get("error") or f"tvm-deploy {cmd} failed")
+    return doc
+
+
+def _bootstrap_script(prefix: str, agent_id: str, files: list[FileEntry], survey: list[str]) -> str:
+    """Run the agent's survey; without an agent, build it from the store when the files are there,
+    else print the few facts the host needs to decide whether sending it is worth anything."""
+    store = f"{q(prefix)}/store/sha256"
+    have = " && ".join(f"[ -f {store}/{q(f.sha256)} ]" for f in files)
+    build = " && ".join(
+        ['rm -rf "$A.new"', 'mkdir -p "$A.new/bin" "$A.new/lib"']
+        + [f"{{ ln {store}/{q(f.sha256)} \"$A.new\"/{q(f.path)} 2>/dev/null || "
+           f"cp {store}/{q(f.sha256)} \"$A.new\"/{q(f.path)}; }}" for f in files]
+        + ['chmod 0755 "$A.new/bin/tvm-deploy"', 'mv -T "$A.new" "$A"'])
+    stored = " ".join(f"$([ -f {store}/{q(f.sha256)} ] && echo {q(f.sha256)})" for f in files)
+    facts = "; ".join([
+        "echo agent=missing", 'echo "home=${HOME:-/tmp}"', 'echo "arch=$(uname -m)"',
+        'echo "glibc=$(getconf GNU_LIBC_VERSION 2>/dev/null || ldd --version 2>&1 | head -n 1)"',
+        'echo "uid=$(id -u)"', 'echo "user=$(id -un)"',
+        f"p={q(prefix)}", 'while [ ! -e "$p" ]; do p=$(dirname "$p"); done',
+        (f'if [ -w "$p" ] && {{ [ "$p" = {q(prefix)} ] || [ ! -e {q(prefix)} ]; }}; '
+         'then echo prefix_ok=yes; else echo prefix_ok=no; fi'),
+        'echo "free_kb=$(df -Pk "$p" | tail -n 1 | awk \'{print $4}\')"',
+        'if command -v systemctl >/dev/null 2>&1; then echo systemctl=yes; else echo systemctl=no; fi',
+        # the agent's files an earlier deploy left in the store need not be sent again
+        f'echo "stored={stored}"',
+        *([('if sp=$(sudo -n true 2>&1); then echo sudo_ok=yes; else echo sudo_ok=no; '
+             'echo "sudo_problem=$(printf %s "$sp" | tail -n 1)"; fi')] if "--sudo" in survey else []),
+    ])
+    return (f"A={AGENT_HOME}{q(agent_id)}; "
+            f'if [ ! -x "$A/bin/tvm-deploy" ] && {have}; then {build}; fi; '
+            f'if [ -x "$A/bin/tvm-deploy" ]; then exec "$A/bin/tvm-deploy" {shlex.join(["survey", *survey])}; fi; '
+            f"{facts}")
+
+
+def _facts_from_survey(doc: dict[str, Any]) -> dict[str, Any]:
+    p, u = doc["prefix"], doc["unit_dir"]
+    sudo = doc.get("sudo", {})
+    return {
+        "agent": True, "arch": doc["arch"], "glibc": doc.get("glibc", ""), "uid": doc.get("uid"),
+        "user": doc.get("user", "?"),
+        "prefix_ok": p["writable"] or (not p["exists"] and p["nearest_writable"]),
+        "unit_dir_ok": u["writable"] or (not u["exists"] and u["nearest_writable"]),
+        "free": p.get("free_bytes"), "systemctl": bool(doc.get("systemd", {}).get("systemctl")),
+        "sudo_ok": sudo.get("ok", False), "sudo_problem": sudo.get("problem", ""),
+        "prepared": doc.get("prepared", False), "current": doc.get("current"), "have": set(doc.get("have", [])),
+    }
+
+
+def _facts_from_shell(out: str) -> dict[str, Any]:
+    kv = dict(line.partition("=")[::2] for line in out.splitlines() if "=" in line)
+    free = kv.get("free_kb", "").strip()
+    return {
+        "agent": False, "home": kv.get("home", ""), "arch": kv.get("arch", "").strip(), "glibc": kv.get("glibc", ""),
+        "uid": int(kv["uid"]) if kv.get("uid", "").strip().isdigit() else None, "user": kv.get("user", "?").strip(),
+        "prefix_ok": kv.get("prefix_ok") == "yes", "unit_dir_ok": None, "free": int(free) * 1024 if free.isdigit() else None,
+        "systemctl": kv.get("systemctl") == "yes", "sudo_ok": kv.get("sudo_ok") == "yes",
+        "sudo_problem": kv.get("sudo_problem", "").strip(), "prepared": False, "current": None,
+        "have": set(kv.get("stored", "").split()),
+    }
+
+
+def _preflight(target: Target, manifest: Manifest, prefix: str, facts: dict[str, Any], need: int,
+               result: DeployResult) -> bool:
+    """Refuse, before anything is sent or written, a device the bundle cannot run on or be installed into.
+    The same rules read the shell's facts (a device without the agent) and the agent's survey."""
+    name, board = target.name, manifest.board
+    arch = facts["arch"]
+    if cpu.from_uname(arch) != board.cpu_family:
+        raise DeployError(name, "preflight", f"the device is {arch}, the bundle is for "
+                                             f"{board.cpu_family} ({board.name}); nothing was sent")
+    m = re.search(r"(\d+\.\d+)", facts.get("glibc", ""))
+    if not m:
+        result.warnings.append(f"could not read the device's glibc version ({facts.get('glibc')!r})")
+    elif version_key(m.group(1)) < version_key(board.glibc):
+        raise DeployError(name, "preflight", f"the device has glibc {m.group(1)}, the bundle needs "
+                                             f"{board.glibc} or newer; nothing was sent")
+    user, root = facts["user"], facts["uid"] == 0
+    sudo_hint = (f"allow {user} to run sudo without a password (a sudoers.d rule: "
+                 f"'{user} ALL=(ALL) NOPASSWD: ALL'), or deploy as root")
+    if target.sudo and not root and not facts["sudo_ok"]:
+        problem = facts["sudo_problem"] or "sudo -n true failed"
+        if "password" in problem:
+            problem = f"sudo needs a password for {user} ({problem})"
+        raise DeployError(name, "preflight", f"--sudo: {problem}; nothing was sent", hint=sudo_hint)
+    privileged = root or bool(target.sudo)
+    if not facts["prefix_ok"] and not privileged:
+        raise DeployError(name, "preflight", f"{prefix} is not writable by {user} (and cannot be created by it); "
+                                             "nothing was sent",
+                          hint=f"deploy with --sudo (then {prefix} is created and owned by {user}), or make it "
+                               f"writable: sudo install -d -o {user} {prefix}")
+    have_systemd = facts["systemctl"]
+    if have_systemd and not privileged:
+        raise DeployError(name, "preflight", f"{user} cannot install the unit into {target.unit_dir} nor run "
+                                             "systemctl (both need root); nothing was sent",
+                          hint=f"deploy with --sudo ({user} needs passwordless sudo), or log in as root")
+    if have_systemd and root and facts["unit_dir_ok"] is False:
+        raise DeployError(name, "preflight", f"{target.unit_dir} is not writable on the device; nothing was sent")
+    free = facts.get("free")
+    if free is not None and need + MARGIN > free:
+        raise DeployError(name, "preflight", f"not enough space under {prefix}: {need + MARGIN} bytes needed, "
+                                             f"{free} free; nothing was sent")
+    if not have_systemd:
+        result.warnings.append("systemd not found on the device: the service will not be (re)started")
+    return have_systemd
 
 
 # --- deploy -------------------------------------------------------------------------------
@@ -141,247 +290,226 @@ def deploy(bundle_path: Path | str, target: Target, *, keep: int = 3, health_tim
     bundle_path = Path(bundle_path)
     with tempfile.TemporaryDirectory(prefix="tvmbundle-deploy-") as tmp:
         top = bundle_mod.extract(bundle_path, Path(tmp))
-        manifest = bundle_mod.read_manifest(top, str(bundle_path))
+        manifest = bundle_mod.load_manifest(top, str(bundle_path))
         return _deploy(top, manifest, target, keep, health_timeout, step_timeout, progress, hook)
 
 
-def _deploy(top: Path, manifest: dict[str, Any], target: Target, keep: int, health_timeout: float,
+def _deploy(top: Path, manifest: Manifest, target: Target, keep: int, health_timeout: float,
             step_timeout: float, progress: Progress, hook: Hook | None) -> DeployResult:
-    bid = manifest["bundle_id"]
+    check_manifest(manifest, target.name)            # before anything is read from the bundle or sent
+    bid = manifest.bundle_id
     prefix = _prefix_of(target, manifest)
-    unit = manifest.get("service", {}).get("unit", UNIT)
+    unit = UNIT
     result = DeployResult(target.name, bid, None)
     step = _Steps(result, progress, hook, target.name)
-    files = manifest["files"]
+    files = list(manifest.files)
+    agent_files = _agent_files(manifest)
+    if not any(f.path == "bin/tvm-deploy" for f in agent_files):
+        raise DeployError(target.name, "preflight", "the bundle has no bin/tvm-deploy; nothing was sent")
+    agent_id = _agent_id(agent_files)
+    sudo = ["--sudo"] if target.sudo else []
     r = Remote(target, step_timeout=step_timeout)
     with step("connect"):
         r.open()
-    with r:
-        with step("preflight") as s:
-            facts = _survey(r, prefix)
-            have_systemd = _preflight(r, target, manifest, prefix, facts, result)
-            store = {h for h in facts.get("store", "").split() if len(h) == 64}
-            missing = {f["sha256"]: f for f in files if f["sha256"] not in store}
-            need = sum(f["size"] for f in missing.values())
-            _check_space(r, prefix, facts.get("df", ""), need)
-            result.skipped_bytes = sum(f["size"] for f in files if f["sha256"] in store)
-            result.previous_id = facts.get("current", "").rsplit("/", 1)[-1] or None
-            s.done(detail=f"{len(missing)} of {len(files)} files to send ({need} bytes)")
-        r.run(["mkdir", "-p", f"{prefix}/store/sha256", f"{prefix}/releases", f"{prefix}/staging"], "prepare")
-        with step("upload") as s:
-            _upload(r, top, prefix, missing, result, hook)
-            s.done(detail=f"{result.uploaded_bytes} bytes sent, {result.skipped_bytes} already there")
-        with step("assemble"):
-            _assemble(r, prefix, manifest)
-        with step("check"):
-            rel = f"{prefix}/releases/{bid}"
-            # Through a file, not stdin: invoke feeds stdin a byte at a time with a sleep between.
-            sums = "".join(f"{f['sha256']}  {f['path']}\n" for f in files)
-            sums_file = f"{prefix}/staging/{bid}.sha256"
-            r.write_text(sums, sums_file, "check")
-            r.sh(f"cd {q(rel)} && sha256sum -c --quiet {q(sums_file)}; rc=$?; rm -f {q(sums_file)}; exit $rc",
-                 "check")
-            res = r.run([f"{rel}/bin/tvm-deploy", "selftest"], "selftest", check=False, timeout=max(step_timeout, 300))
-            if res.code != 0:
-                raise DeployError(target.name, "selftest",
-                                  f"the selftest of {bid[:12]} failed on the device (exit {res.code}): "
-                                  + " | ".join((res.err or res.out).strip().splitlines()[-3:])
-                                  + "; nothing was switched")
-        if result.previous_id == bid:
-            result.warnings.append("this release was already current; restarting it")
-        with step("switch"):
-            if have_systemd:
-                r.write_text(render_unit(manifest, prefix), f"{prefix}/staging/{unit}", "switch")
-                r.run(["mkdir", "-p", target.unit_dir], "switch")
-                r.run(["mv", "-f", f"{prefix}/staging/{unit}", f"{target.unit_dir}/{unit}"], "switch")
-                r.run(["systemctl", "daemon-reload"], "switch")
-                r.run(["systemctl", "enable", unit], "switch", check=False)
-            _switch(r, prefix, bid, "switch")
-        try:
-            if have_systemd:
-                with step("restart"):
-                    _restart(r, unit)
-                with step("health") as s:
-                    ok, why = _health(r, prefix, health_timeout)
-                    if not ok:
-                        raise DeployError(target.name, "health", f"no healthy answer within {health_timeout:g} s "
-                                                                 f"({why or 'no reply'})")
-            else:
-                result.warnings.append("systemd not found: the service was not restarted and no health gate ran")
-        except DeployError as failure:
-            _roll_back_after(r, target, prefix, unit, result.previous_id, health_timeout, failure)
-            raise AssertionError("unreachable")  # _roll_back_after always raises
-        with step("prune"):
-            _prune(r, prefix, keep, bid, result.previous_id)
+    try:
+        with r:
+            _deploy_on(r, top, manifest, target, prefix, unit, files, agent_files, agent_id, sudo, keep,
+                       health_timeout, step_timeout, result, step, hook)
+    finally:
+        result.round_trips = dict(r.calls)
     return result
 
 
-def _survey(r: Remote, prefix: str) -> dict[str, str]:
-    """Everything preflight needs to know about the device, in one round trip."""
+def _deploy_on(r: Remote, top: Path, manifest: Manifest, target: Target, prefix: str, unit: str,
+               files: list[FileEntry], agent_files: list[FileEntry], agent_id: str, sudo: list[str],
+               keep: int, health_timeout: float, step_timeout: float, result: DeployResult, step, hook) -> None:
+    bid = manifest.bundle_id
+    want = sorted({f.sha256 for f in files})
+    survey_args = ["--prefix", prefix, "--unit-dir", target.unit_dir, *sudo, *(a for s in want for a in ("--want", s))]
+    setup = f"A={AGENT_HOME}{q(agent_id)}; "
+    agent = _Agent(r, '"$A/bin/tvm-deploy"', setup)
+    with step("preflight") as s:
+        res = r.sh(_bootstrap_script(prefix, agent_id, agent_files, survey_args), "preflight", check=False)
+        if res.out.lstrip().startswith("{"):
+            facts = _facts_from_survey(_answer(r, "survey", "preflight", res))
+        else:
+            # No agent on the device: decide from the shell's facts whether sending it is any use,
+            # then send it (into the login user's cache, not the prefix) and ask it for the survey.
+            facts = _facts_from_shell(res.out)
+            _preflight(target, manifest, prefix, facts, sum(f.size for f in files), result)
+            res = _send_agent(r, top, prefix, facts, agent_id, agent_files, survey_args, result, hook)
+            facts = _facts_from_survey(_answer(r, "survey", "preflight", res))
+        missing = {f.sha256: f for f in files if f.sha256 not in facts["have"]}
+        need = sum(f.size for f in missing.values())
+        have_systemd = _preflight(target, manifest, prefix, facts, need, result)
+        result.skipped_bytes = sum(f.size for f in files if f.sha256 in facts["have"])
+        result.previous_id = facts["current"]
+        s.done(detail=f"{len(missing)} of {len(files)} files to send ({need} bytes)")
+    if not facts["prepared"]:
+        agent.call("prepare", ["--prefix", prefix, *sudo], "prepare")
+    agent_shas = {f.sha256 for f in agent_files}
+    with step("upload") as s:
+        # The agent's files reach the store from the agent folder (install --from): not sent twice.
+        _upload(r, top, prefix, {k: v for k, v in missing.items() if k not in agent_shas}, result, hook)
+        staged_manifest = f"{prefix}/staging/{bid}.manifest.json"
+        staged_unit = f"{prefix}/staging/{bid}.{unit}"
+        r.write_text((top / MANIFEST).read_text(), staged_manifest, "upload")   # its own bytes: a signature holds
+        r.write_text(render_unit(manifest, prefix), staged_unit, "upload")
+        s.done(detail=f"{result.uploaded_bytes} bytes sent, {result.skipped_bytes} already there")
+    with step("install"):
+        try:
+            agent.call("install", ["--prefix", prefix, "--manifest", staged_manifest, "--unit", staged_unit,
+                                   "--selftest"], "install", timeout=max(step_timeout, 300), tail=' --from "$A"')
+        except DeployError:
+            _clean_staging(r, prefix)
+            raise
+    if result.previous_id == bid:
+        result.warnings.append("this release was already current; restarting it")
+    with step("activate"):
+        args = ["--prefix", prefix, "--release", bid, "--unit-dir", target.unit_dir, "--unit", unit, *sudo,
+                "--health-timeout", f"{health_timeout:g}", "--keep", str(max(1, keep))]
+        if result.previous_id:
+            args += ["--protect", result.previous_id]
+        try:
+            done = agent.call("activate", args, "activate", timeout=health_timeout + max(step_timeout, 60))
+        except DeployError as failure:
+            if failure.step in ("restart", "health", "activate"):
+                _roll_back_after(r, target, prefix, unit, result.previous_id, health_timeout, failure, sudo, agent)
+            raise
+        result.warnings += done.get("warnings", [])
+        if not have_systemd and not done.get("warnings"):
+            result.warnings.append("systemd not found: the service was not restarted and no health gate ran")
+
+
+def _send_agent(r: Remote, top: Path, prefix: str, facts: dict[str, Any], agent_id: str,
+                agent_files: list[FileEntry], survey_args: list[str], result: DeployResult, hook: Hook | None):
+    """Upload the harness and its libraries the store lacks beside the login user's home, check them,
+    put them in place with the ones the store has, and run the agent's survey (one round trip)."""
+    home = facts["home"]
+    if not home.startswith("/"):
+        raise DeployError(r.target.name, "preflight", f"the login user has no usable home folder ({home!r})")
+    store = f"{q(prefix)}/store/sha256"
+    parts, copies = [], []
+    for f in agent_files:
+        if f.sha256 in facts["have"]:
+            copies.append(f)
+            continue
+        part = f"{home}/.tvmbundle-agent-{agent_id}-{f.sha256[:16]}.part"
+        r.put(top / f.path, part, "upload", timeout=max(r.step_timeout, f.size / 1e6))
+        result.uploaded_bytes += f.size
+        parts.append((f, part))
+        if hook:
+            hook("uploaded", f.path)
+    checks = [(f, part) for f, part in parts] + [(f, f"{prefix}/store/sha256/{f.sha256}") for f in copies]
+    sums = " ".join(q(f"{f.sha256}  {path}") for f, path in checks)
     script = "; ".join([
-        f"p={q(prefix)}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done",
-        'echo "arch=$(uname -m)"',
-        'echo "libc=$(getconf GNU_LIBC_VERSION 2>/dev/null || ldd --version 2>&1 | head -n 1)"',
-        'if test -w "$p"; then echo writable=yes; else echo writable=no; fi',
-        'if command -v systemctl >/dev/null 2>&1; then echo systemd=yes; else echo systemd=no; fi',
-        'echo "df=$(df -Pk "$p" | tail -n 1)"',
-        f'echo "current=$(readlink {q(prefix + "/current")} 2>/dev/null)"',
-        f'echo "store=$(ls {q(prefix + "/store/sha256")} 2>/dev/null | tr "\\n" " ")"',
+        f"A={AGENT_HOME}{q(agent_id)}",
+        (f"if ! printf '%s\\n' {sums} | sha256sum -c --quiet >/dev/null; then rm -f {' '.join(q(p) for _, p in parts)}; "
+         "echo 'the agent arrived damaged' >&2; exit 9; fi"),
+        'rm -rf "$A.new"', 'mkdir -p "$A.new/bin" "$A.new/lib"',
+        *(f'mv -f {q(part)} "$A.new"/{q(f.path)}' for f, part in parts),
+        *(f'{{ ln {store}/{q(f.sha256)} "$A.new"/{q(f.path)} 2>/dev/null || '
+          f'cp {store}/{q(f.sha256)} "$A.new"/{q(f.path)}; }}' for f in copies),
+        'chmod 0755 "$A.new/bin/tvm-deploy"', 'rm -rf "$A"', 'mv -T "$A.new" "$A"',
+        f'exec "$A/bin/tvm-deploy" {shlex.join(["survey", *survey_args])}',
     ])
-    facts = {}
-    for line in r.sh(script, "preflight").out.splitlines():
-        key, _, value = line.partition("=")
-        facts[key] = value.strip()
-    return facts
+    res = r.sh(script, "upload", check=False)
+    if res.code == 9:
+        raise DeployError(r.target.name, "upload", "the harness arrived damaged (its SHA-256 does not match); "
+                                                   "nothing was installed")
+    return res
 
 
-def _preflight(r: Remote, target: Target, manifest: dict[str, Any], prefix: str, facts: dict[str, str],
-               result: DeployResult) -> bool:
-    """Refuse, before anything is written, a device the bundle cannot run on or install into."""
-    import re
-
-    board = manifest["board"]
-    arch = facts.get("arch", "")
-    if cpu.from_uname(arch) != board["cpu_family"]:
-        raise DeployError(target.name, "preflight", f"the device is {arch}, the bundle is for "
-                                                    f"{board['cpu_family']} ({board['name']}); nothing was sent")
-    m = re.search(r"(\d+\.\d+)", facts.get("libc", ""))
-    if not m:
-        result.warnings.append(f"could not read the device's glibc version ({facts.get('libc')!r})")
-    elif version_key(m.group(1)) < version_key(board["glibc"]):
-        raise DeployError(target.name, "preflight", f"the device has glibc {m.group(1)}, the bundle needs "
-                                                    f"{board['glibc']} or newer; nothing was sent")
-    if facts.get("writable") != "yes" or target.sudo:
-        raise DeployError(target.name, "preflight", f"{prefix} is not writable by {target.user}; installing "
-                                                    "through sudo is not supported yet, so nothing was sent",
-                          hint=f"make {prefix} writable by {target.user}, or deploy as its owner")
-    have = facts.get("systemd") == "yes"
-    if not have:
-        result.warnings.append("systemd not found on the device: the service will not be (re)started")
-    return have
-
-
-def _check_space(r: Remote, prefix: str, df_line: str, need: int) -> None:
-    try:
-        avail = int(df_line.split()[3]) * 1024
-    except (IndexError, ValueError):
-        return
-    if need + MARGIN > avail:
-        raise DeployError(r.target.name, "preflight",
-                          f"not enough space under {prefix}: {need + MARGIN} bytes needed, {avail} free; "
-                          "nothing was sent")
-
-
-def _upload(r: Remote, top: Path, prefix: str, missing: dict[str, dict[str, Any]], result: DeployResult,
+def _upload(r: Remote, top: Path, prefix: str, missing: dict[str, FileEntry], result: DeployResult,
             hook: Hook | None) -> None:
     staging = f"{prefix}/staging"
-    r.sh(f"rm -f {q(staging)}/*.part", "upload")       # leftovers of an interrupted deploy
     try:
-        for sha, f in sorted(missing.items(), key=lambda kv: kv[1]["path"]):
-            part = f"{staging}/{sha}.part"
-            r.put(top / f["path"], part, "upload", timeout=max(r.step_timeout, f["size"] / 1e6))
-            # One round trip: check the content on the device, then move it into the store.
-            store_path = f"{prefix}/store/sha256/{sha}"
-            res = r.sh(f"got=$(sha256sum {q(part)} | cut -d' ' -f1); if [ \"$got\" != {q(sha)} ]; then "
-                       f"echo \"$got\"; exit 9; fi; chmod {q('0' + f['mode'][-3:])} {q(part)} && "
-                       f"mv -f {q(part)} {q(store_path)}", "upload", check=False)
-            if res.code == 9:
-                raise DeployError(r.target.name, "upload", f"{f['path']} arrived damaged (sha256 "
-                                                           f"{res.out.strip()[:12]}, expected {sha[:12]})")
-            if res.code != 0:
-                raise DeployError(r.target.name, "upload", f"{f['path']}: storing it failed: "
-                                                           + " | ".join(res.err.strip().splitlines()[-3:]))
-            result.uploaded_bytes += f["size"]
+        for sha, f in sorted(missing.items(), key=lambda kv: kv[1].path):
+            r.put(top / f.path, f"{staging}/{sha}.part", "upload", timeout=max(r.step_timeout, f.size / 1e6))
+            result.uploaded_bytes += f.size
             if hook:
-                hook("uploaded", f["path"])
+                hook("uploaded", f.path)
     except DeployError:
         # A full disk leaves a partial file behind: do not let it eat the space the running release needs.
-        if r.conn is not None and r.conn.client.get_transport() and r.conn.client.get_transport().is_active():
-            r.sh(f"rm -f {q(staging)}/*.part", "upload", check=False)
+        _clean_staging(r, prefix)
         raise
 
 
-def _assemble(r: Remote, prefix: str, manifest: dict[str, Any]) -> None:
-    bid = manifest["bundle_id"]
-    final = f"{prefix}/releases/{bid}"
-    if r.sh(f"test -f {q(final + '/manifest.json')}", "assemble", check=False).code == 0:
-        return   # assembled by an earlier run; `check` below re-verifies every file
-    partial = f"{final}.partial"
-    lines = [f"rm -rf {q(partial)}", f"mkdir -p {q(partial)}"]
-    for d in sorted({str(Path(f['path']).parent) for f in manifest["files"]} - {"."}):
-        lines.append(f"mkdir -p {q(partial + '/' + d)}")
-    for f in manifest["files"]:
-        lines.append(f"ln {q(prefix + '/store/sha256/' + f['sha256'])} {q(partial + '/' + f['path'])}")
-    r.sh(" && ".join(lines), "assemble", timeout=120)
-    r.write_text(json.dumps(manifest, indent=2) + "\n", f"{partial}/manifest.json", "assemble")
-    r.run(["mv", "-T", partial, final], "assemble")
+def _clean_staging(r: Remote, prefix: str) -> None:
+    transport = r.conn.client.get_transport() if r.conn is not None else None
+    if transport is not None and transport.is_active():
+        try:
+            staging = q(prefix + "/staging")
+            r.sh(f"rm -f {staging}/*.part {staging}/*.manifest.json {staging}/*.service", "upload", check=False)
+        except DeployError:
+            pass
 
 
 def _roll_back_after(r: Remote, target: Target, prefix: str, unit: str, previous: str | None,
-                     health_timeout: float, failure: DeployError) -> None:
+                     health_timeout: float, failure: DeployError, sudo: list[str], fallback: _Agent) -> None:
     try:
+        args = ["--prefix", prefix, "--release", previous or "none", "--unit-dir", target.unit_dir, "--unit", unit,
+                *sudo, "--health-timeout", f"{health_timeout:g}"]
+        # The previous release's own harness switches back to it (it has the subcommands when it
+        # was installed by this tvmbundle); the new agent otherwise.
+        agent = _release_agent(r, prefix, previous) if previous else fallback
+        try:
+            done = agent.call("activate", args, "rollback", timeout=health_timeout + 60)
+            ok = done.get("healthy", True)
+        except DeployError as e:
+            if e.step != "health":
+                raise
+            ok = False
         if previous:
-            _switch(r, prefix, previous, "rollback")
-            _restart(r, unit)
-            ok, _ = _health(r, prefix, health_timeout)
             state = f"the previous release {previous[:12]} is current again" + ("" if ok else " but NOT healthy")
         else:
-            r.run(["systemctl", "stop", unit], "rollback", check=False)
-            _switch(r, prefix, None, "rollback")
             state = "there was no previous release: the service is stopped"
     except DeployError as e:
         state = f"rolling back failed too ({e.step}: {e.problem})"
     raise DeployError(target.name, failure.step, f"{failure.problem}; {state}", hint=failure.hint)
 
 
-def _prune(r: Remote, prefix: str, keep: int, current: str, previous: str | None) -> None:
-    listing = r.sh(f"cd {q(prefix + '/releases')} && ls -1t", "prune", check=False).out.split()
-    releases = [x for x in listing if not x.endswith(".partial")]
-    protected = {current, previous}
-    kept = [x for x in releases if x in protected]
-    for x in releases:
-        if x not in protected and len(kept) < keep:
-            kept.append(x)
-    doomed = [x for x in releases if x not in kept]
-    for x in doomed:
-        r.run(["rm", "-rf", f"{prefix}/releases/{x}"], "prune")
-    # Store files no release links any more (link count 1) are garbage.
-    r.sh(f"find {q(prefix + '/store/sha256')} -type f -links 1 -exec rm -f {{}} +", "prune", check=False)
+def _release_agent(r: Remote, prefix: str, release: str) -> _Agent:
+    """A release's own harness, or (a release installed before the harness had the device commands)
+    any agent the login user has."""
+    own = q(f"{prefix}/releases/{release}/bin/tvm-deploy")
+    setup = (f"A={own}; if ! \"$A\" --help 2>/dev/null | grep -q ' survey '; then for a in "
+             f"{AGENT_HOME}*/bin/tvm-deploy; do [ -x \"$a\" ] && A=$a; done; fi; ")
+    return _Agent(r, '"$A"', setup)
+
+
+def _any_agent(prefix: str) -> str:
+    """Shell lines that find a harness with the device commands: the current release's, else the newest
+    agent of the login user; the caller runs `"$A" ...`."""
+    cur = q(f"{prefix}/current/bin/tvm-deploy")
+    return (f"A={cur}; if ! [ -x \"$A\" ] || ! \"$A\" --help 2>/dev/null | grep -q ' survey '; then A=; "
+            f"for a in $(ls -t {AGENT_HOME}*/bin/tvm-deploy 2>/dev/null); do A=$a; break; done; fi; "
+            'if [ -z "$A" ]; then echo \'{"ok": true, "command": "none", "no_agent": true}\'; exit 0; fi; ')
 
 
 # --- status and rollback ------------------------------------------------------------------
 
 def status(target: Target, *, prefix: str | None = None, step_timeout: float = 30.0) -> DeviceStatus:
-    prefix = (prefix or target.prefix or "/opt/tvmbundle").rstrip("/")
+    prefix = check_prefix(prefix or target.prefix or "/opt/tvmbundle")
     with Remote(target, step_timeout=step_timeout) as r:
-        current = _current(r, prefix)
-        rels = []
-        listing = r.sh(f"cd {q(prefix + '/releases')} 2>/dev/null && ls -1t", "status", check=False).out.split()
-        for rid in [x for x in listing if not x.endswith(".partial")]:
-            m = r.sh(f"cat {q(f'{prefix}/releases/{rid}/manifest.json')}", "status", check=False)
-            try:
-                man = json.loads(m.out)
-            except ValueError:
-                man = {}
-            rels.append({"id": rid, "name": man.get("name", "?"), "board": man.get("board", {}).get("name", "?"),
-                         "created": man.get("created", "?"), "current": rid == current})
-        service = "no systemd"
-        if _systemd(r):
-            service = r.run(["systemctl", "is-active", UNIT], "status", check=False).out.strip() or "unknown"
-        healthy = bool(current) and r.sh(f"{q(prefix + '/current/bin/tvm-deploy')} probe --timeout 2", "status",
-                                         check=False).code == 0
-    return DeviceStatus(target.name, prefix, current, rels, service, healthy)
+        doc = _Agent(r, '"$A"', _any_agent(prefix)).call("status", ["--prefix", prefix, "--unit", UNIT], "status")
+    if doc.get("no_agent"):
+        return DeviceStatus(target.name, prefix, None, [], "unknown", False)
+    return DeviceStatus(target.name, prefix, doc.get("current"), doc.get("releases", []), doc.get("service", "unknown"),
+                        bool(doc.get("healthy")))
 
 
 def rollback(target: Target, *, to: str | None = None, prefix: str | None = None, health_timeout: float = 30.0,
              step_timeout: float = 60.0, progress: Progress | None = None) -> DeployResult:
     """Switch back to the newest kept release other than the current one (or to ``to``)."""
     progress = progress or Progress(quiet=True)
-    prefix = (prefix or target.prefix or "/opt/tvmbundle").rstrip("/")
+    prefix = check_prefix(prefix or target.prefix or "/opt/tvmbundle")
+    sudo = ["--sudo"] if target.sudo else []
     with Remote(target, step_timeout=step_timeout) as r:
-        current = _current(r, prefix)
-        listing = r.sh(f"cd {q(prefix + '/releases')} 2>/dev/null && ls -1t", "rollback", check=False).out.split()
-        candidates = [x for x in listing if not x.endswith(".partial") and x != current]
+        doc = _Agent(r, '"$A"', _any_agent(prefix)).call("status", ["--prefix", prefix, "--unit", UNIT], "rollback")
+        current = doc.get("current")
+        listing = [x["id"] for x in doc.get("releases", [])]
+        candidates = [x for x in listing if x != current]
         if to:
             matches = [x for x in listing if x.startswith(to)]
             if len(matches) != 1:
@@ -394,18 +522,15 @@ def rollback(target: Target, *, to: str | None = None, prefix: str | None = None
             chosen = candidates[0]
         result = DeployResult(target.name, chosen, current)
         step = _Steps(result, progress, None, target.name)
-        with step("switch"):
-            _switch(r, prefix, chosen, "switch")
-        if _systemd(r):
+        args = ["--prefix", prefix, "--release", chosen, "--unit-dir", target.unit_dir, "--unit", UNIT, *sudo,
+                "--health-timeout", f"{health_timeout:g}"]
+        with step("activate"):
             try:
-                with step("restart"):
-                    _restart(r, UNIT)
-                with step("health"):
-                    ok, why = _health(r, prefix, health_timeout)
-                    if not ok:
-                        raise DeployError(target.name, "health", f"{chosen[:12]} did not become healthy ({why})")
+                _release_agent(r, prefix, chosen).call("activate", args, "switch", timeout=health_timeout + 60)
             except DeployError as failure:
-                _roll_back_after(r, target, prefix, UNIT, current, health_timeout, failure)
-        # Touch it so "newest kept" ordering and pruning see it as the latest choice.
-        r.run(["touch", "-h", f"{prefix}/releases/{chosen}"], "switch", check=False)
+                if failure.step in ("restart", "health"):
+                    fallback = _release_agent(r, prefix, current or chosen)
+                    _roll_back_after(r, target, prefix, UNIT, current, health_timeout, failure, sudo, fallback)
+                raise
+        result.round_trips = dict(r.calls)
     return result

@@ -39,7 +39,7 @@ class Target:
     known_hosts: Path | None = None          # default ~/.ssh/known_hosts
     accept_new_host_key: bool = False
     prefix: str | None = None                # install root; default: the bundle's
-    sudo: bool | None = None                 # None: only when the user cannot write the prefix
+    sudo: bool | None = None                 # True: the steps that need root run through `sudo -n`
     unit_dir: str = "/etc/systemd/system"
     connect_timeout: float = 10.0
 
@@ -90,6 +90,8 @@ class Remote:
     step_timeout: float = 60.0
     conn: Connection | None = field(default=None, repr=False)
     sudo: bool = False
+    # Round trips made, by kind ("sh" for commands, "put" for file transfers): deploys report them.
+    calls: dict[str, int] = field(default_factory=lambda: {"sh": 0, "put": 0})
 
     # --- connecting -------------------------------------------------------------------------
     def open(self) -> Remote:
@@ -190,6 +192,7 @@ class Remote:
         assert self.conn is not None
         import io
 
+        self.calls["sh"] += 1
         with self.deadline(step, timeout):
             r = self.conn.run(script, hide=True, warn=True, in_stream=io.StringIO(stdin) if stdin is not None else False,
                               timeout=timeout or self.step_timeout)
@@ -202,6 +205,7 @@ class Remote:
     def put(self, local: Path, remote: str, step: str, *, timeout: float | None = None,
             callback=None) -> None:
         assert self.conn is not None
+        self.calls["put"] += 1
         with self.deadline(step, timeout):
             sftp = self.conn.sftp()
             try:
@@ -211,12 +215,16 @@ class Remote:
                 msg = str(e) or type(e).__name__
                 if msg.strip().lower() == "failure":
                     msg = "the device refused the write (SFTP 'Failure': usually a full disk)"
+                elif "size mismatch in put" in msg:
+                    got = msg.split("!")[-1].split("!=")[0].strip()
+                    msg = f"the device stored {got} of {local.stat().st_size} bytes (usually a full disk)"
                 raise DeployError(self.target.name, step, f"{local.name}: {msg}") from None
 
     def write_text(self, text: str, remote: str, step: str) -> None:
         assert self.conn is not None
         import io
 
+        self.calls["put"] += 1
         with self.deadline(step):
             self.conn.sftp().putfo(io.BytesIO(text.encode()), remote)
 
