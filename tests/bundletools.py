@@ -56,3 +56,19 @@ def manifest_data(name: str = "net", **sections) -> dict:
     for key, value in sections.items():
         data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
     return data
+
+
+def built(factory, board: str, make_model, name: str = "net") -> Path:
+    """A bundle (not verified) for ``board`` of the model ``make_model(path)`` writes, in a fresh
+    folder of the pytest tmp_path_factory ``factory``; the build cache is the session's."""
+    from bundler import api
+
+    d = factory.mktemp(name)
+    make_model(d / f"{name}.onnx")
+    return api.make(board, d / f"{name}.onnx", out_dir=d / "dist", run_verify=False).bundle
+
+
+def unpacked(factory, board: str, make_model, name: str = "net") -> Path:
+    """:func:`built`, unpacked: the release's top folder."""
+    path = built(factory, board, make_model, name)
+    return bundle.extract(path, path.parent.parent / "x")

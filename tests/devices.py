@@ -29,7 +29,6 @@ import os
 import shutil
 import signal
 import socket
-import socket as _socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Self
 
 import pytest
+
+from tests.sshd import client_key, free_port
 
 ROOT_VERSION = "1"
 ROOT_DIR = Path(os.environ.get("TVMBUNDLE_TEST_ROOT", "/var/cache/tvmbundle-test/bookworm-root"))
@@ -128,20 +129,6 @@ def skip_reason() -> str | None:
     if not root_ready():
         return f"the device root is not built ({ROOT_DIR}); run: python -m tests.devices build-root"
     return None
-
-
-def free_port(host: str) -> int:
-    with _socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def client_key(folder: Path) -> Path:
-    key = folder / "id_ed25519"
-    if not key.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    return key
 
 
 @dataclass

@@ -13,27 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bundler import api
-from bundler.package import bundle
 from tests import models
-from tests.bundletools import perturb_expected
-
-
-def _release(factory, name: str, make_model) -> Path:
-    d = factory.mktemp(name)
-    make_model(d / f"{name}.onnx")
-    result = api.make("x86_64", d / f"{name}.onnx", out_dir=d, run_verify=False)
-    return bundle.extract(result.bundle, d / "x")
+from tests.bundletools import perturb_expected, unpacked
 
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory) -> Path:
-    return _release(tmp_path_factory, "multi", models.multi_io)
+    return unpacked(tmp_path_factory, "x86_64", models.multi_io, "multi")
 
 
 @pytest.fixture(scope="module")
 def int_release(tmp_path_factory) -> Path:
-    return _release(tmp_path_factory, "ints", models.int_model)
+    return unpacked(tmp_path_factory, "x86_64", models.int_model, "ints")
 
 
 def deploy(top: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

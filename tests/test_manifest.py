@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from bundler import api
 from bundler.errors import UserError
 from bundler.package import archive, bundle
 from bundler.package.manifest import Manifest, canonical_json
-from tests import models
+from tests import bundletools, models
 from tests.bundletools import repack
 
 TRAVERSAL = "../../../../tmp/tvmbundle-escape"
@@ -29,9 +28,7 @@ OUTSIDE = Path("/tmp/tvmbundle-escape")
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("manifest")
-    models.conv_net(d / "convnet.onnx")
-    return api.make("x86_64", d / "convnet.onnx", out_dir=d / "dist", run_verify=False).bundle
+    return bundletools.built(tmp_path_factory, "x86_64", models.conv_net, "convnet")
 
 
 def crafted(src: Path, dest: Path, change) -> Path:
@@ -99,7 +96,7 @@ def test_verify_refuses_paths_outside_the_release(built, tmp_path, run_cli, chan
     bad = crafted(built, tmp_path / "bad", change)
     code, out, err = run_cli("verify", str(bad))
     assert code == 2 and out == ""
-    assert f"manifest.json: files[0].path: " in err and PATH_PROBLEM in err, err
+    assert "manifest.json: files[0].path: " in err and PATH_PROBLEM in err, err
     assert "Traceback" not in err
 
 

@@ -25,35 +25,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bundler import api
 from bundler.build import harness, runtime, toolchain
 from bundler.client import Client, ServiceError, decode, encode, encode_request
 from bundler.config import recipe
-from bundler.package import bundle
 from tests import models
-from tests.bundletools import perturb_expected
+from tests.bundletools import perturb_expected, unpacked
+from tests.sshd import free_port
 
 INFER = "/v2/models/multi/infer"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def release(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("serve")
-    models.multi_io(d / "multi.onnx")
-    result = api.make("x86_64", d / "multi.onnx", out_dir=d, run_verify=False)
-    return bundle.extract(result.bundle, d / "x")
+    return unpacked(tmp_path_factory, "x86_64", models.multi_io, "multi")
 
 
 class Service:
     def __init__(self, release: Path, *args: str, exe: Path | None = None, env: dict | None = None,
                  prefix: tuple[str, ...] = (), ready_within: float = 60):
-        self.port = free_port()
+        self.port = free_port("127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [*prefix, str(exe or release / "bin" / "tvm-deploy"), "--bundle", str(release), "serve",
                 "--listen", f"127.0.0.1:{self.port}", *args]
@@ -395,7 +385,7 @@ def test_probe_checks_readiness_and_the_bundle_id(service, release, tmp_path):
     (other / "manifest.json").write_text(json.dumps(m))
     res = probe(other, service.port)
     assert res.returncode == 1 and "another bundle answers" in res.stderr, res.stderr
-    res = probe(release, free_port())
+    res = probe(release, free_port("127.0.0.1"))
     assert res.returncode == 1 and "Connection refused" in res.stderr
 
 
@@ -452,7 +442,7 @@ def test_failing_selftest_never_becomes_ready(release, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(release, bad)
     perturb_expected(bad)
-    port = free_port()
+    port = free_port("127.0.0.1")
     proc = subprocess.run([str(bad / "bin" / "tvm-deploy"), "serve", "--listen", f"127.0.0.1:{port}"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "selftest failed, not serving" in proc.stderr

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bundler import api
 from bundler.package import bundle
-from tests import models
+from tests import bundletools, models
 from tests.bundletools import perturb_expected, repack
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen (openssh-client)")
@@ -32,9 +31,7 @@ def keys(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("signing")
-    models.conv_net(d / "convnet.onnx")
-    return api.make("x86_64", d / "convnet.onnx", out_dir=d / "dist", run_verify=False).bundle
+    return bundletools.built(tmp_path_factory, "x86_64", models.conv_net, "convnet")
 
 
 def signed_copy(built: Path, key: Path, dest: Path, run_cli) -> Path:
