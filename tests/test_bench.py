@@ -206,6 +206,7 @@ device = pytest.mark.skipif(not (shutil.which("sshd") and shutil.which("unshare"
                             reason="test devices need root, openssh-server and unshare (see tests/test_release.py)")
 
 
+@pytest.mark.slow
 @device
 @native_x86
 def test_bench_on_a_device_uploaded_then_installed(built, tmp_path, run_cli):

@@ -14,7 +14,8 @@ import pytest
 
 from tests import models
 
-pytestmark = pytest.mark.skipif(not shutil.which("dpkg-deb"), reason="needs dpkg")
+pytestmark = [pytest.mark.skipif(not shutil.which("dpkg-deb"), reason="needs dpkg"),
+              pytest.mark.slow]    # every test builds and installs .deb packages
 
 
 def make_deb(run_cli, model: Path, out: Path, epoch: str, monkeypatch) -> Path:

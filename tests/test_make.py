@@ -99,6 +99,7 @@ def test_make_x86_64_verifies_natively_and_runs(run_cli, model_dir, tmp_path):
     np.testing.assert_allclose(np.load(out_file), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_make_rpi4_multi_io_verifies_under_qemu(run_cli, model_dir, tmp_path):
     need("aarch64-linux-gnu-g++", "qemu-aarch64")
     code, res, err = make(run_cli, "rpi4", model_dir / "multi.onnx", tmp_path / "dist")
@@ -152,6 +153,7 @@ def test_warm_make_rebuilds_nothing(run_cli, model_dir, tmp_path):
     assert Path(first["bundle"]).name == Path(second["bundle"]).name
 
 
+@pytest.mark.slow
 def test_warm_make_loads_neither_tvm_nor_onnx_and_does_not_rerun_the_selftest(model_dir, tmp_path):
     """What makes a warm make instant: the prepared model and the verification come from the cache.
     A fresh process, so that modules other tests loaded do not count."""
@@ -182,6 +184,7 @@ def test_bundle_names_keep_the_whole_stem(file, name):
     assert api.bundle_name(Path(file)) == name
 
 
+@pytest.mark.slow
 def test_two_cold_makes_give_identical_tarballs_without_host_paths(run_cli, model_dir, tmp_path, monkeypatch):
     """Separate caches, folders and epochs-from-env: byte-identical output, no build path inside."""
     need("aarch64-linux-gnu-g++")
@@ -331,6 +334,7 @@ def test_verify_rejects_what_is_not_a_bundle(run_cli, tmp_path):
 
 # --- cache and doctor ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cache_list_and_prune(run_cli, model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TVMBUNDLE_CACHE", str(tmp_path / "c"))
     code, _, err = make(run_cli, "x86_64", model_dir / "convnet.onnx", tmp_path / "d", "--no-verify")

@@ -90,6 +90,7 @@ def test_the_sdk_script_gives_compiler_flags_and_sysroot(tmp_path, sdk):
     assert BoardFacts.from_recipe(recipe.load(str(sdk_board(tmp_path, sdk)))).sysroot == str(tc.sysroot)
 
 
+@pytest.mark.slow
 def test_make_with_a_yocto_sdk_builds_and_verifies_against_its_sysroot(tmp_path, sdk, run_cli):
     models.conv_net(tmp_path / "convnet.onnx")
     board = sdk_board(tmp_path, sdk)
