@@ -45,12 +45,13 @@ def lower_for_tuning(mod, target):
 
 def pipeline(target, database: Path | None = None):
     """The Relax pipeline `make` compiles with: the default CPU pipeline, plus the tuned
-    schedules of ``database`` where it has them, plus TVM's default CPU schedules (dlight's
-    GEMV and reduction rules) for kernels it does not."""
+    schedules of ``database`` where it has them, plus tvmbundle's default CPU schedules
+    (:mod:`bundler.compile.schedules`) for every kernel it does not."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as relax_pipeline
-    from tvm.s_tir import dlight as dl
+
+    from bundler.compile.schedules import default_schedule_pass  # imports TVM: only compiles pay for it
 
     @tvm.transform.module_pass(opt_level=0, name="tvmbundle_pipeline")
     def _pipeline(mod, _ctx):
@@ -58,7 +59,7 @@ def pipeline(target, database: Path | None = None):
             passes = list(_pre_tuning_passes())
             if database is not None:
                 passes.append(relax.transform.MetaScheduleApplyDatabase(str(database)))
-            passes.append(dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction()))
+            passes.append(default_schedule_pass(target))
             passes += relax_pipeline.dataflow_lower_passes(target) + relax_pipeline.finalize_passes(target)
             return tvm.transform.Sequential(passes)(mod)
 

@@ -1,0 +1,285 @@
+"""Direct 2-D convolution in NCHW, as Relax legalizes ONNX's Conv (topi's ``conv2d_nchw`` and
+``group_conv2d_nchw``), with the elementwise epilogue FuseOps puts behind it (bias, ReLU,
+residual add, clip, ...).
+
+Two register tilings, both keeping the accumulators of one output tile in registers for the
+whole reduction over input channels and the kernel window:
+
+* **output channels in vector lanes** (regular convolutions, and grouped ones whose group has
+  a whole tile of output channels): each step loads one packed weight vector per NR channels
+  and broadcasts MR input pixels, so strides and dilations cost nothing (the input is only
+  ever read as scalars). The weights are repacked at compile time from OIHW to
+  ``[O/NR, I, H, W, NR]`` so that vector is contiguous; see :func:`pack_weights`.
+* **output pixels in vector lanes** (depthwise, and convolutions with too few output
+  channels to fill a vector, like a detector's 1-channel head): each step loads a row of
+  input pixels and broadcasts a weight.
+
+The padded input (topi's ``pad_temp``) stays a separate, parallel stage: inlining it would put
+bounds checks into the innermost loop.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.ir.expr import TensorLoad  # what a TIR buffer load is in TVM 0.27
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.tirx import IndexMap
+
+from .base import (
+    UNROLL_BUDGET,
+    CPURule,
+    as_int,
+    divisor_tile,
+    is_var,
+    layout_free_params,
+    pack_weights,
+    parallelize,
+    param_index,
+    pixel_tile_max,
+    region_mins,
+    register_tile,
+    split_epilogue,
+    tile_writeback,
+    uses,
+    vectorize_if_not,
+)
+from .cpu import CPU
+from .elementwise import schedule_injective_block
+
+
+def _fuse_pixels(sch, block, yx_vars, width: int) -> None:
+    """Make a block iterate one pixel axis ``y * width + x`` instead of rows and columns
+    (``yx_vars``: its row and column iterators; None: those indexing its output's last two
+    dimensions)."""
+    stmt = sch.get(block)
+    ivs = [iv.var for iv in stmt.iter_vars]
+    if yx_vars is None:
+        mins = region_mins(stmt.writes[0])
+        yx_vars = [mins[-2], mins[-1]]
+    iy = next(i for i, v in enumerate(ivs) if v.same_as(yx_vars[0]))
+    ix = next(i for i, v in enumerate(ivs) if v.same_as(yx_vars[1]))
+
+    def f(*v):
+        out = []
+        for i, e in enumerate(v):
+            if i == iy:
+                out.append(v[iy] * width + v[ix])
+            elif i != ix:
+                out.append(e)
+        return tuple(out)
+
+    sch.transform_block_layout(block, IndexMap.from_func(f, ndim=len(ivs)))
+
+
+def _is_copy(sch, block) -> bool:
+    body = sch.get(block).body
+    return isinstance(body, tirx.BufferStore) and isinstance(body.value, TensorLoad)
+
+
+def _try_inline(sch, block) -> bool:
+    try:
+        sch.compute_inline(block)
+        return True
+    except Exception:  # noqa: BLE001 -- TVM refuses (the copy has other readers): keep the stage
+        return False
+
+
+def _roles(mins, names, iters):
+    """Map the block iterators an access indexes plainly to the role of that position
+    (``names``); a position indexed by the constant 0 (a unit dimension that normalization
+    dropped) has no iterator; anything else is not the pattern."""
+    out = {}
+    for e, name in zip(mins, names):
+        if isinstance(e, tirx.IntImm) and e.value == 0:
+            continue
+        hit = [i for i in iters if is_var(e, i.var)]
+        if len(hit) != 1 or name is None:
+            return None
+        out[name] = hit[0]
+    return out
+
+
+class Conv2D(CPURule):
+    """Matches a reduction block whose accesses are those of a 2-D NCHW convolution:
+    ``out[n, f, y, x] += data[n, c(f, rc), y*s + ry*d, x*s + rx*d] * w[f, rc, ry, rx]``
+    (after normalization, which drops unit loops: batch 1, 1x1 kernels, depthwise's one input
+    channel per group)."""
+
+    def schedule(self, func, target, cpu: CPU):
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        reds = [i for i, b in enumerate(infos) if not b.is_injective()]
+        if len(reds) != 1:
+            return None
+        k = reds[0]
+        info = infos[k]
+        block = info.block_rv
+        stmt = sch.get(block)
+        if len(stmt.reads) != 2 or len(stmt.writes) != 1 or "O" in info.dom_kind():
+            return None
+        iters = info.iters
+        out = _roles(region_mins(stmt.writes[0]), ("n", "f", "y", "x"), iters)
+        if out is None or len(stmt.writes[0].region) != 4:
+            return None
+        role = w_index = None
+        for i, r in enumerate(stmt.reads):
+            mins = region_mins(r)
+            if len(mins) == 4 and r.source.dtype == stmt.writes[0].source.dtype:
+                got = _roles(mins, ("f", "rc", "ry", "rx"), iters)
+                if got is not None and got.get("f") is out.get("f"):
+                    role, w_index = {**out, **got}, i
+        if role is None:
+            return None
+        d_index = 1 - w_index
+        data = region_mins(stmt.reads[d_index])
+        if len(data) != 4:
+            return None
+        y, x = role.get("y"), role.get("x")
+        if (y is not None and not uses(data[2], y.var)) or (x is not None and not uses(data[3], x.var)):
+            return None
+        # Every iterator has its role, the spatial ones spatial, the reduction ones reducing.
+        if {id(i) for i in role.values()} != {id(i) for i in iters}:
+            return None
+        if any((r in ("rc", "ry", "rx")) != (i.kind == "R") for r, i in role.items()):
+            return None
+        if any(as_int(i.dom) is None for i in iters):
+            return None
+        wshape = [as_int(s) for s in stmt.reads[w_index].source.shape]
+        oshape = [as_int(s) for s in stmt.writes[0].source.shape]
+        OC, ICg, OW = wshape[0], wshape[1], oshape[3]
+        IC = as_int(stmt.reads[d_index].source.shape[1])
+        rc = role.get("rc")
+        grouped = not ((rc is not None and is_var(data[1], rc.var)) or
+                       (rc is None and isinstance(data[1], tirx.IntImm) and IC == 1))
+        groups = IC // ICg if grouped else 1
+        OCg = OC // groups
+
+        # Stages before the convolution: padding gets its own parallel loops; topi's copy of
+        # an unpadded input is only inlined.
+        for b in infos[:k]:
+            if not _is_copy(sch, b.block_rv) or not _try_inline(sch, b.block_rv):
+                schedule_injective_block(sch, b.block_rv, cpu)
+
+        lanes = cpu.lanes(stmt.writes[0].source.dtype.bits)
+        w_param = param_index(func, stmt.reads[w_index].source)
+        packable = w_param is not None and w_param in layout_free_params(func)
+        loops = {r: i.loop_rv for r, i in role.items()}
+        OH = oshape[2]
+        pointwise = (not grouped and "ry" not in role and "rx" not in role and {"f", "y", "x", "rc"} <= set(role)
+                     and is_var(data[2], role["y"].var) and is_var(data[3], role["x"].var))
+        if pointwise and lanes > 1 and register_tile(OH * OW, lanes) >= lanes:
+            return self._pointwise(sch, infos, k, role, cpu, lanes, OC, OH, OW)
+        nr = register_tile(OCg if grouped else OC, lanes)
+        if lanes > 1 and nr >= max(4, lanes // 4) and not (grouped and ICg == 1) and "f" in loops:
+            return self._oc_vector(sch, infos, k, loops, cpu, lanes, nr, OW, w_index if packable else None)
+        depthwise = grouped and ICg == 1
+        return self._ow_vector(sch, infos, k, loops, cpu, lanes, OC, OW, depthwise=depthwise)
+
+    @staticmethod
+    def _oc_vector(sch, infos, k, loops, cpu: CPU, lanes, nr, OW, w_index):
+        block, consumer = split_epilogue(sch, infos, k)
+        if w_index is not None:
+            pack_weights(sch, block, w_index, lambda o, i, h, w: (o // nr, i, h, w, o % nr))
+        # The accumulator tile [MR pixels, NR channels] with the channels contiguous: one vector
+        # register per NR/lanes channels of a pixel.
+        sch.transform_layout(block, ("write", 0), lambda b, c, h, w: (b, c // nr, h, w, c % nr))
+        mr_max = pixel_tile_max(cpu, nr, lanes)
+        fo, fi = sch.split(loops["f"], [None, nr])
+        xo = xi = None
+        if "x" in loops:
+            mr = divisor_tile(OW, mr_max)
+            # A pixel tile that does not divide the width is cheaper with a bounds check than
+            # single pixels: the check is on the unrolled loop, not the vector one.
+            xo, xi = sch.split(loops["x"], [None, mr if mr * 2 > mr_max or mr == OW else mr_max])
+        outer = [lp for lp in (loops.get("n"), fo, loops.get("y")) if lp is not None]
+        red = [loops[r] for r in ("rc", "ry", "rx") if r in loops]
+        sch.reorder(*outer, *([xo] if xo else []), *red, *([xi] if xi else []), fi)
+        fused = parallelize(sch, outer, cpu)
+        at = xo or fused
+        sch.reverse_compute_at(consumer, at, preserve_unit_loops=True)
+        # Loop kinds before decomposing the reduction: the update block alone is no longer a
+        # reduction block that vectorize/unroll accept; the init loops are copied with them.
+        sch.vectorize(fi)
+        if xi is not None:
+            sch.unroll(xi)
+        init = sch.decompose_reduction(block, red[0])
+        vectorize_if_not(sch, init, lanes)
+        # Write-back: the output is NCHW, so pixels are contiguous there; the transposition
+        # from the channel-vector accumulators is left to LLVM on the unrolled tile.
+        tile_writeback(sch, consumer, at, lanes)
+        return sch
+
+    @staticmethod
+    def _pointwise(sch, infos, k, role, cpu: CPU, lanes, OC, OH, OW):
+        """A 1x1 stride-1 convolution is the matrix product W[OC, IC] x X[IC, H*W]: pixels of
+        all rows in vector lanes (X and the output are contiguous along them), a few output
+        channels per tile broadcasting their weights. Rows and columns are fused into one pixel
+        axis first, so a 7x7 or 14x14 map still fills whole vectors."""
+        block, consumer = split_epilogue(sch, infos, k)
+        sch.transform_layout(block, ("write", 0), lambda n, c, h, w: (n, c, h * OW + w))
+        _fuse_pixels(sch, block, [role["y"].var, role["x"].var], OW)
+        _fuse_pixels(sch, consumer, None, OW)
+        loops = sch.get_loops(block)
+        *outer, f, p, rc = loops if len(loops) == 4 else (None, *loops)
+        t = register_tile(OH * OW, lanes)
+        ft = divisor_tile(OC, pixel_tile_max(cpu, t, lanes))
+        fo, fi = sch.split(f, [None, ft])
+        po, pi = sch.split(p, [None, t])
+        outer = [lp for lp in outer if lp is not None]
+        # X's panel (IC x t pixels) stays in L1 while every channel tile reads it.
+        sch.reorder(*outer, po, fo, rc, fi, pi)
+        parallelize(sch, [*outer, po], cpu)
+        sch.reverse_compute_at(consumer, fo, preserve_unit_loops=True)
+        sch.vectorize(pi)
+        sch.unroll(fi)
+        init = sch.decompose_reduction(block, rc)
+        vectorize_if_not(sch, init, lanes)
+        tile_writeback(sch, consumer, fo, lanes)
+        return sch
+
+    @staticmethod
+    def _ow_vector(sch, infos, k, loops, cpu: CPU, lanes, OC, OW, depthwise: bool):
+        block, consumer = split_epilogue(sch, infos, k)
+        # A power-of-two tile (see register_tile); only when the width has none worth having
+        # (7, 14) a whole row, as one odd-sized vector.
+        t = register_tile(OW, lanes)
+        if lanes > 1 and t < 4:
+            t = divisor_tile(OW, 2 * lanes, lanes)
+        xo = xi = fo = fi = None
+        if "x" in loops:
+            xo, xi = sch.split(loops["x"], [None, t])
+        if "f" in loops:
+            # Channels that share the input pixels they read (not so in a depthwise convolution)
+            # are computed together, a few rows of vectors each.
+            fo, fi = sch.split(loops["f"], [None, 1 if depthwise else divisor_tile(OC, 4)])
+        yo = yi = None
+        if "y" in loops and depthwise:
+            # A depthwise tile of a few output rows instead: rows y..y+3 read input rows that
+            # overlap by KH-1, and LLVM loads each only once within the unrolled tile.
+            yo, yi = sch.split(loops["y"], [None, divisor_tile(as_int(sch.get(loops["y"]).extent), 4)])
+        outer = [lp for lp in (loops.get("n"), fo, yo or loops.get("y")) if lp is not None]
+        red = [loops[r] for r in ("rc", "ry", "rx") if r in loops]
+        inner = [lp for lp in (fi, yi, xi) if lp is not None]
+        sch.reorder(*outer, *([xo] if xo else []), *red, *inner)
+        fused = parallelize(sch, outer, cpu)
+        at = xo or fused
+        if at is not None:
+            sch.reverse_compute_at(consumer, at, preserve_unit_loops=True)
+        if xi is not None:
+            if lanes > 1 and t > 1:
+                sch.vectorize(xi)
+            else:
+                sch.unroll(xi)
+        # Unrolled from the inside out while the copies stay within the budget.
+        budget = UNROLL_BUDGET
+        for lp in (fi, yi, loops.get("rx"), loops.get("ry") if depthwise else None):
+            e = as_int(sch.get(lp).extent) if lp is not None else None
+            if e is not None and e <= budget:
+                sch.unroll(lp)
+                budget //= e
+        init = sch.decompose_reduction(block, red[0])
+        vectorize_if_not(sch, init, lanes)
+        tile_writeback(sch, consumer, at, lanes)
+        return sch

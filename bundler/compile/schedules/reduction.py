@@ -1,0 +1,165 @@
+"""Reductions that are not contractions: pooling windows, and rows (softmax, layer norm, mean,
+sum, max, argmax...).
+
+* :class:`WindowReduction`: one reduction block whose innermost output axis also indexes its
+  input innermost (max/avg pooling, a sum over a short window): that axis goes into vector
+  lanes, with the window loops around it, and the accumulators stay in registers.
+* :class:`Reduction`: kernels of one or more reduction blocks and elementwise blocks that share
+  their leading spatial axes (softmax is max, exp, sum, divide; layer norm is two sums and a
+  normalization): parallel over those axes, every block computed per row under them, so a row
+  stays in cache between its passes; the elementwise passes vectorized. The reductions
+  themselves stay scalar: vectorizing one would reassociate floating-point sums.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+from .base import (
+    CPURule,
+    as_int,
+    divisor_tile,
+    parallelize,
+    product,
+    region_mins,
+    register_tile,
+    split_epilogue,
+    tile_writeback,
+    uses,
+    vectorize_if_not,
+    vectorize_inner,
+)
+from .cpu import CPU
+from .elementwise import schedule_injective_block
+
+
+class WindowReduction(CPURule):
+    """Matches one reduction block (plus elementwise ones) whose output's innermost iterator
+    indexes the innermost dimension of every input."""
+
+    def schedule(self, func, target, cpu: CPU):
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        reds = [i for i, b in enumerate(infos) if not b.is_injective()]
+        if len(reds) != 1:
+            return None
+        k = reds[0]
+        info = infos[k]
+        kinds = info.dom_kind()
+        if "O" in kinds or "R" not in kinds or "S" not in kinds or any(as_int(i.dom) is None for i in info.iters):
+            return None
+        stmt = sch.get(info.block_rv)
+        if len(stmt.writes) != 1:
+            return None
+        spatial = [i for i in info.iters if i.kind == "S"]
+        red = [i for i in info.iters if i.kind == "R"]
+        x = spatial[-1]
+        out = region_mins(stmt.writes[0])
+        if not out or not (isinstance(out[-1], tirx.Var) and out[-1].same_as(x.var)):
+            return None
+        # The output's contiguous axis must index every input's contiguous axis too, and no
+        # reduction iterator may: otherwise vector lanes would gather.
+        for r in stmt.reads:
+            mins = region_mins(r)
+            if not mins or not uses(mins[-1], x.var):
+                return None
+        lanes = cpu.lanes(stmt.writes[0].source.dtype.bits)
+        X = as_int(x.dom)
+        if X < 2:
+            return None
+
+        for b in infos[:k]:
+            schedule_injective_block(sch, b.block_rv, cpu)
+        block, consumer = split_epilogue(sch, infos, k)
+        # Without a vector unit the same tile, unrolled: its accumulators in registers.
+        t = register_tile(X, lanes)
+        if t < 4:
+            t = divisor_tile(X, 2 * lanes if lanes > 1 else 4, lanes)
+        xo, xi = sch.split(x.loop_rv, [None, t])
+        outer = [i.loop_rv for i in spatial[:-1]]
+        sch.reorder(*outer, xo, *[i.loop_rv for i in red], xi)
+        work = product(as_int(i.dom) for i in info.iters)
+        if outer:
+            parallelize(sch, outer, cpu, work=work)
+        sch.reverse_compute_at(consumer, xo, preserve_unit_loops=True)
+        if lanes > 1:
+            sch.vectorize(xi)
+        else:
+            sch.unroll(xi)
+        for r in red:
+            e = as_int(r.dom)
+            if e <= 4:
+                sch.unroll(r.loop_rv)
+        init = sch.decompose_reduction(block, red[0].loop_rv)
+        vectorize_if_not(sch, init, lanes)
+        tile_writeback(sch, consumer, xo, lanes)
+        return sch
+
+
+def _leading_spatial(kinds: str) -> int:
+    return len(kinds) - len(kinds.lstrip("S"))
+
+
+class Reduction(CPURule):
+    """Matches kernels with a reduction whose blocks all share their leading spatial axes (a
+    kernel without any, a single row, is only vectorized)."""
+
+    def schedule(self, func, target, cpu: CPU):
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or all(b.is_injective() for b in infos):
+            return None
+        lead = min(_leading_spatial(b.dom_kind()) for b in infos)
+        if any("O" in b.dom_kind() for b in infos):
+            return None
+        if lead == 0:
+            # One row (batch 1 normalized away): nothing to run in parallel, only the passes.
+            return self._passes(sch, infos, cpu, 0)
+        # All blocks must agree on the extents of the shared leading axes.
+        dom0 = [as_int(d) for d in infos[-1].dom()[:lead]]
+        if any(d is None for d in dom0):
+            return None
+        if any([as_int(d) for d in b.dom()[:lead]] != dom0 for b in infos):
+            # Different rows (a softmax's max over a unit axis next to its exp over 10): each
+            # pass by itself.
+            return self._passes(sch, infos, cpu, 0)
+        loops = sch.get_loops(infos[-1].block_rv)
+        rows = product(dom0)
+        row_work = max(1, product(as_int(d) or 1 for d in infos[-1].dom()) // rows)
+        fused = parallelize(sch, loops[:lead], cpu, work=rows * row_work)
+        for b in reversed(infos[:-1]):
+            sch.compute_at(b.block_rv, fused, preserve_unit_loops=True)
+        return self._passes(sch, infos, cpu, 1)
+
+    @staticmethod
+    def _passes(sch, infos, cpu: CPU, shared: int):
+        """Each block's own loops (below the ``shared`` one all blocks are computed under, which
+        must not be touched: it holds the other blocks too): vectors for the elementwise passes,
+        a short unroll for the reductions."""
+        last = infos[-1].block_rv
+        bits = sch.get(last).writes[0].source.dtype.bits if sch.get(last).writes else 32
+        lanes = cpu.lanes(bits)
+        for b in infos:
+            if len(sch.get_loops(b.block_rv)) <= shared:
+                continue
+            if b.is_injective():
+                vectorize_inner(sch, b.block_rv, lanes)
+            else:
+                _unroll_inner(sch, b.block_rv, lanes)
+        return sch
+
+
+def _unroll_inner(sch, block, lanes) -> None:
+    """Unroll a reduction's innermost loop by a few steps: keeps the loop overhead off a scalar
+    reduction without the full unroll LLVM would otherwise do on a short constant row."""
+    loops = sch.get_loops(block)
+    e = as_int(sch.get(loops[-1]).extent)
+    step = max(4, lanes)
+    if e is None or e <= step:
+        return
+    t = divisor_tile(e, step)
+    if t > 1:
+        sch.unroll(sch.split(loops[-1], [None, t])[1])

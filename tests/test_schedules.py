@@ -1,0 +1,482 @@
+"""The default CPU schedules (bundler/compile/schedules): each rule matches the kernels it is
+written for and computes what onnxruntime computes, on shapes chosen to hit the edges (extents
+no tile or vector divides, stride 2, padding, dilation, groups, depthwise, batch > 1, fused
+epilogues), on this machine natively for a generic x86-64 and for its own CPU (AVX-512 here),
+cross-compiled for every board's CPU, and (slow) through a real bundle under qemu-aarch64.
+
+The models are a few ONNX nodes each, built here with onnx.helper and seeded weights, so every
+compile takes a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+tvm = pytest.importorskip("tvm")
+import tvm_ffi
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+from tvm.relax.frontend.onnx import from_onnx
+
+from bundler.compile import schedules
+from bundler.compile.schedules.cpu import describe
+
+REPO = Path(__file__).resolve().parent.parent
+OPSET = 17
+
+HOST_CPU = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")()
+TARGETS = {
+    "x86-64": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "num-cores": 2},            # SSE2: 4 lanes
+    "native": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": HOST_CPU, "num-cores": 2},
+}
+
+
+# --- models --------------------------------------------------------------------------------
+
+def _model(nodes, inputs, outputs, inits=()) -> onnx.ModelProto:
+    """``outputs``: names (shapes left to inference) or (name, shape)."""
+    outputs = [(o, None) if isinstance(o, str) else o for o in outputs]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs], list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+    m.ir_version = 8
+    # Outputs get the shapes ONNX infers (tvmbundle needs static ones); a wiring mistake fails here.
+    m = onnx.shape_inference.infer_shapes(m, strict_mode=True)
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def _w(rng, name, shape, scale=None):
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
+    s = scale if scale is not None else (2.0 / max(fan_in, 1)) ** 0.5
+    return numpy_helper.from_array((rng.standard_normal(shape) * s).astype(np.float32), name)
+
+
+def conv(n=1, c=8, hw=10, oc=32, k=3, stride=1, pad=1, groups=1, dilation=1, epilogue="relu", transpose=False):
+    """One Conv (or ConvTranspose) with a bias and an elementwise epilogue FuseOps fuses in."""
+    rng = np.random.default_rng(hash((n, c, hw, oc, k, stride, pad, groups, dilation)) % 2**32)
+    wshape = (c, oc // groups, k, k) if transpose else (oc, c // groups, k, k)
+    inits = [_w(rng, "w", wshape), _w(rng, "b", (oc,), 0.5)]
+    op = "ConvTranspose" if transpose else "Conv"
+    nodes = [helper.make_node(op, ["x", "w", "b"], ["c"], pads=[pad] * 4, strides=[stride] * 2, group=groups,
+                              dilations=[dilation] * 2)]
+    out = "c"
+    if epilogue == "relu":
+        nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+        out = "y"
+    elif epilogue == "clip":      # ReLU6 as torch exports it
+        inits += [numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]
+        nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["y"]))
+        out = "y"
+    elif epilogue == "sigmoid":
+        nodes.append(helper.make_node("Sigmoid", ["c"], ["y"]))
+        out = "y"
+    elif epilogue == "residual":  # conv + bias + a second input + relu
+        nodes += [helper.make_node("Add", ["c", "r"], ["s"]), helper.make_node("Relu", ["s"], ["y"])]
+        out = "y"
+    inputs = [("x", [n, c, hw, hw])]
+    if epilogue == "residual":
+        assert stride == 1 and 2 * pad == (k - 1) * dilation
+        inputs.append(("r", [n, oc, hw, hw]))
+    return _model(nodes, inputs, [out], inits)
+
+
+def gemm(m=1, k=64, n=1000, trans_b=True, const_b=True, relu=False):
+    rng = np.random.default_rng(m * 7 + k * 3 + n)
+    inits = [_w(rng, "b", (n,), 0.5)]
+    inputs = [("a", [m, k])]
+    if const_b:
+        inits.append(_w(rng, "w", (n, k) if trans_b else (k, n)))
+    else:
+        inputs.append(("w", [n, k] if trans_b else [k, n]))
+    nodes = [helper.make_node("Gemm", ["a", "w", "b"], ["g"], transB=int(trans_b))]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["g"], ["y"]))
+    return _model(nodes, inputs, ["y" if relu else "g"], inits)
+
+
+def matmul(a_shape, b_shape, const_b=True, bias=True):
+    rng = np.random.default_rng(sum(a_shape) + sum(b_shape))
+    inits, inputs = [], [("a", list(a_shape))]
+    if const_b:
+        inits.append(_w(rng, "w", b_shape))
+    else:
+        inputs.append(("w", list(b_shape)))
+    nodes = [helper.make_node("MatMul", ["a", "w"], ["mm"])]
+    out = "mm"
+    if bias:
+        inits.append(_w(rng, "bias", (b_shape[-1],), 0.5))
+        nodes += [helper.make_node("Add", ["mm", "bias"], ["s"]), helper.make_node("Relu", ["s"], ["y"])]
+        out = "y"
+    return _model(nodes, inputs, [out], inits)
+
+
+def single(op, shape, outputs=1, inits=(), extra_inputs=(), **attrs):
+    names = [f"y{i}" for i in range(outputs)]
+    return _model([helper.make_node(op, ["x", *extra_inputs], names, **attrs)], [("x", list(shape))], names, inits)
+
+
+def layer_norm(shape):
+    rng = np.random.default_rng(3)
+    d = shape[-1]
+    inits = [_w(rng, "g", (d,), 1.0), _w(rng, "b", (d,), 0.5)]
+    return _model([helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)],
+                  [("x", list(shape))], ["y"], inits)
+
+
+def elementwise():
+    rng = np.random.default_rng(4)
+    inits = [_w(rng, "s", (1, 3, 1, 1), 1.0), _w(rng, "t", (1, 3, 1, 1), 1.0)]
+    nodes = [helper.make_node("Mul", ["x", "s"], ["m"]), helper.make_node("Add", ["m", "t"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]), helper.make_node("Transpose", ["r"], ["y"], perm=[0, 2, 3, 1])]
+    return _model(nodes, [("x", [2, 3, 17, 19])], ["y"], inits)
+
+
+def resize_concat():
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    nodes = [helper.make_node("Resize", ["x", "", "scales"], ["u"], mode="nearest"),
+             helper.make_node("Concat", ["u", "z"], ["y"], axis=1)]
+    return _model(nodes, [("x", [1, 5, 7, 9]), ("z", [1, 3, 14, 18])], ["y"], [scales])
+
+
+def _i64(name, v):
+    return numpy_helper.from_array(np.array(v, np.int64), name)
+
+
+# (case id, model factory, kernel name fragment, rule that must schedule it)
+CASES = [
+    ("conv3x3", lambda: conv(), "conv2d", "Conv2D"),
+    ("conv3x3-odd-stride2-batch2", lambda: conv(n=2, c=5, hw=13, oc=12, stride=2), "conv2d", "Conv2D"),
+    ("conv3x3-dilation2", lambda: conv(c=6, hw=11, oc=16, pad=2, dilation=2), "conv2d", "Conv2D"),
+    ("conv-stem-7x7-stride2", lambda: conv(c=3, hw=23, oc=16, k=7, stride=2, pad=3), "conv2d", "Conv2D"),
+    ("conv-residual-epilogue", lambda: conv(c=16, hw=9, oc=24, epilogue="residual"), "conv2d", "Conv2D"),
+    ("conv-grouped", lambda: conv(c=16, hw=9, oc=32, groups=4), "conv2d", "Conv2D"),
+    ("conv-grouped-narrow", lambda: conv(c=12, hw=8, oc=6, groups=3), "conv2d", "Conv2D"),
+    ("depthwise", lambda: conv(c=24, hw=15, oc=24, groups=24, epilogue="clip"), "conv2d", "Conv2D"),
+    ("depthwise-stride2", lambda: conv(c=24, hw=15, oc=24, groups=24, stride=2, epilogue="clip"), "conv2d", "Conv2D"),
+    ("depthwise-5x5-7x7map", lambda: conv(c=40, hw=7, oc=40, k=5, pad=2, groups=40), "conv2d", "Conv2D"),
+    ("pointwise", lambda: conv(c=24, hw=16, oc=40, k=1, pad=0, epilogue="residual"), "conv2d", "Conv2D"),
+    ("pointwise-odd-map", lambda: conv(c=24, hw=9, oc=40, k=1, pad=0), "conv2d", "Conv2D"),
+    ("pointwise-stride2", lambda: conv(c=16, hw=14, oc=32, k=1, pad=0, stride=2, epilogue="none"), "conv2d", "Conv2D"),
+    ("conv-one-channel-head", lambda: conv(c=16, hw=12, oc=1, epilogue="sigmoid"), "conv2d", None),
+    ("conv-transpose-2x2-stride2", lambda: conv(c=8, hw=6, oc=8, k=2, stride=2, pad=0, transpose=True), "conv2d_transpose", None),
+    ("gemv", lambda: gemm(), "matmul", "Matmul"),
+    ("gemm-small-odd", lambda: gemm(m=5, k=33, n=19, trans_b=False, relu=True), "matmul", "Matmul"),
+    ("gemm-nonconst-transposed", lambda: gemm(m=6, k=20, n=24, const_b=False), "matmul", "Matmul"),
+    ("matmul-batch-epilogue", lambda: matmul((2, 7, 33), (33, 50)), "matmul", "Matmul"),
+    ("batch-matmul-activations", lambda: matmul((2, 3, 17, 9), (2, 3, 9, 20), const_b=False, bias=False), "matmul", "Matmul"),
+    ("maxpool-3x3-stride2-pad", lambda: single("MaxPool", (1, 8, 15, 15), kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+     "pool", "WindowReduction"),
+    ("avgpool-2x2", lambda: single("AveragePool", (2, 5, 10, 10), kernel_shape=[2, 2], strides=[2, 2]), "pool", "WindowReduction"),
+    ("global-avgpool", lambda: single("GlobalAveragePool", (2, 40, 7, 7)), "mean", "Reduction"),
+    ("softmax", lambda: single("Softmax", (2, 5, 37), axis=-1), "softmax", "Reduction"),
+    ("layernorm", lambda: layer_norm((3, 10, 48)), "layer_norm", "Reduction"),
+    ("reduce-sum-middle-axis", lambda: single("ReduceSum", (4, 30, 6), inits=[_i64("ax", [1])], extra_inputs=["ax"], keepdims=0),
+     "sum", None),
+    ("elementwise-broadcast-transpose", elementwise, "", "Elementwise"),
+    ("resize-concat", resize_concat, "", "Elementwise"),
+    ("cumsum-falls-back", lambda: single("CumSum", (3, 37), inits=[_i64("ax", 1)], extra_inputs=["ax"]), "cumsum", "Fallback"),
+]
+
+
+# --- compiling ------------------------------------------------------------------------------
+
+def _pre_passes():
+    """What make runs before scheduling (bundler/compile/pipeline.py's _pre_tuning_passes)."""
+    t = relax.transform
+    return [t.DecomposeOpsForInference(), t.CanonicalizeBindings(), relax.backend.DispatchSampling(),
+            relax.backend.DispatchSortScan(), t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant(),
+            t.FuseOps(), t.FuseTIR()]
+
+
+def lower(model: onnx.ModelProto, target: dict, schedule_pass=None):
+    """The model's fused kernels, scheduled; and a pipeline that finishes compiling them."""
+    t = tvm.target.Target(target)
+    mod = from_onnx(model, keep_params_in_input=False)
+    with t:
+        mod = tvm.transform.Sequential([*_pre_passes(), schedule_pass or schedules.default_schedule_pass(t)])(mod)
+    return t, mod
+
+
+def build(model: onnx.ModelProto, target: dict, schedule_pass=None):
+    t, mod = lower(model, target, schedule_pass)
+
+    @tvm.transform.module_pass(opt_level=0, name="rest")
+    def rest(m, _ctx):
+        with t:
+            return tvm.transform.Sequential(cpu_pipeline.dataflow_lower_passes(t) + cpu_pipeline.finalize_passes(t))(m)
+
+    return tvm.compile(mod, target=t, relax_pipeline=rest), mod
+
+
+def inputs_for(model: onnx.ModelProto, seed=0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {i.name: rng.uniform(-1, 1, [d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+            for i in model.graph.input}
+
+
+def run_tvm(ex, feeds) -> list[np.ndarray]:
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in feeds.values()])
+    return [o.numpy() for o in out] if not hasattr(out, "numpy") else [out.numpy()]
+
+
+def run_onnxruntime(model, feeds) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def assert_close(got, want):
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * max(1.0, float(np.max(np.abs(w)))))
+
+
+# --- the CPU description ---------------------------------------------------------------------
+
+def _recipe_target(name: str) -> dict:
+    import tomllib
+
+    data = tomllib.loads((REPO / "recipes" / f"{name}.toml").read_text())
+    t = dict(data.get("tvm", {}).get("target", {}))
+    if "extends" in data:
+        base = _recipe_target(data["extends"])
+        base.update(t)
+        t = base
+    t["num-cores"] = data.get("service", {}).get("threads", 4)
+    return t
+
+
+@pytest.mark.parametrize("target, bits, registers", [
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}, 128, 16),
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}, 256, 16),
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mattr": ["+avx2", "+fma"]}, 256, 16),
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"}, 512, 32),
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"}, 512, 32),
+    ("rpi4", 128, 32),
+    ("rpi3-armhf", 128, 16),
+    ("visionfive2", 0, 32),
+])
+def test_cpu_is_read_from_the_target_not_the_build_host(target, bits, registers):
+    t = _recipe_target(target) if isinstance(target, str) else target
+    cpu = describe(tvm.target.Target(t))
+    assert (cpu.vector_bits, cpu.vector_registers) == (bits, registers)
+    assert cpu.lanes(32) == max(1, bits // 32)
+    assert cpu.threads == t.get("num-cores", 1)
+
+
+# --- each rule: its kernels, and the numbers -------------------------------------------------
+
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("case, factory, kernel, rule", CASES, ids=[c[0] for c in CASES])
+def test_rule_matches_and_agrees_with_onnxruntime(case, factory, kernel, rule, target):
+    model = factory()
+    ex, mod = build(model, TARGETS[target])
+    by = schedules.scheduled_by(mod)
+    if rule is not None:
+        mine = {k: v for k, v in by.items() if kernel in k}
+        assert mine and set(mine.values()) == {rule}, by
+    feeds = inputs_for(model)
+    assert_close(run_tvm(ex, feeds), run_onnxruntime(model, feeds))
+
+
+def test_weights_are_packed_at_compile_time():
+    """The packing kernels SplitLayoutRewritePreproc splits out are folded into constants: none
+    is left for the bundle to run."""
+    _, mod = lower(conv(c=16, hw=8, oc=32), TARGETS["native"])
+    names = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert any(n.endswith("_prepacked") for n in names), names
+    called = []
+    relax.analysis.post_order_visit(mod["main"].body, lambda e: called.append(e.args[0].name_hint) if (
+        isinstance(e, relax.Call) and e.op.same_as(tvm.ir.Op.get("relax.call_tir"))) else None)
+    assert called and not any("weight_prepack" in c for c in called), called
+
+
+def test_kernels_scheduled_before_are_left_alone():
+    """A kernel a tuning database scheduled (tirx.is_scheduled) keeps its schedule."""
+    t, mod = lower(conv(), TARGETS["native"], schedule_pass=tvm.transform.Sequential([]))
+    marked = {gv: f.with_attr("tirx.is_scheduled", True) for gv, f in mod.functions_items()
+              if isinstance(f, tvm.tirx.PrimFunc)}
+    for gv, f in marked.items():
+        mod[gv] = f
+    with t:
+        out = schedules.default_schedule_pass(t)(mod)
+    assert schedules.scheduled_by(out) == {}
+    # (The Relax passes around the rules may rename a kernel and mark its constant parameters
+    # as layout-free, so compare bodies.)
+    after = [f for _, f in out.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(after) == len(marked)
+    for f in marked.values():
+        assert any(tvm_ffi.structural_equal(f.body, g.body) for g in after)
+
+
+# --- a whole model: nothing left unscheduled ---------------------------------------------------
+
+def small_net() -> onnx.ModelProto:
+    """A bit of everything FuseOps makes kernels of: stem conv, depthwise and pointwise convs with
+    ReLU6, a residual add, max pooling, an upsample and concat, a transposed conv, global
+    average pooling, a dense layer, softmax, layer norm, and a scan no rule is written for."""
+    rng = np.random.default_rng(11)
+    f32 = lambda n, v: numpy_helper.from_array(np.array(v, np.float32), n)
+    inits = [_w(rng, "w0", (16, 3, 3, 3)), _w(rng, "b0", (16,), 0.5),
+             _w(rng, "wd", (16, 1, 3, 3)), _w(rng, "bd", (16,), 0.5),
+             _w(rng, "wp", (16, 16, 1, 1)), _w(rng, "bp", (16,), 0.5),
+             _w(rng, "wt", (16, 8, 2, 2)), _w(rng, "bt", (8,), 0.5),
+             _w(rng, "fc", (24, 10)), _w(rng, "fcb", (10,), 0.5),
+             _w(rng, "lg", (10,), 1.0), _w(rng, "lb", (10,), 0.5),
+             f32("lo", 0.0), f32("hi", 6.0), numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc"),
+             _i64("ax", 1)]
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1], strides=[2, 2]), n("Clip", ["c0", "lo", "hi"], ["r0"]),
+        n("Conv", ["r0", "wd", "bd"], ["c1"], pads=[1, 1, 1, 1], group=16), n("Clip", ["c1", "lo", "hi"], ["r1"]),
+        n("Conv", ["r1", "wp", "bp"], ["c2"]), n("Add", ["c2", "r0"], ["s2"]),
+        n("MaxPool", ["s2"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        n("Resize", ["p", "", "sc"], ["u"], mode="nearest"), n("Concat", ["u", "s2"], ["cat"], axis=1),
+        n("Slice", ["cat", "st", "en", "axs"], ["half"]),
+        n("ConvTranspose", ["half", "wt", "bt"], ["t"], strides=[2, 2]), n("Sigmoid", ["t"], ["ts"]),
+        n("GlobalAveragePool", ["cat"], ["g"]), n("Flatten", ["g"], ["f"]),
+        n("Slice", ["f", "st1", "en1", "ax1"], ["f24"]),
+        n("MatMul", ["f24", "fc"], ["mm"]), n("Add", ["mm", "fcb"], ["logits"]),
+        n("Softmax", ["logits"], ["probs"], axis=-1),
+        n("LayerNormalization", ["logits", "lg", "lb"], ["ln"], axis=-1),
+        n("CumSum", ["ln", "ax"], ["cs"]),
+    ]
+    inits += [_i64("st", [0]), _i64("en", [16]), _i64("axs", [1]), _i64("st1", [0]), _i64("en1", [24]), _i64("ax1", [1])]
+    return _model(nodes, [("x", [1, 3, 32, 32])], ["probs", "cs", "ts"], inits)
+
+
+def test_every_kernel_of_a_model_gets_a_schedule():
+    model = small_net()
+    ex, mod = build(model, TARGETS["native"])
+    kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    unscheduled = [k for k, f in kernels.items() if not (f.attrs and f.attrs.get("tirx.is_scheduled", False))]
+    assert not unscheduled
+    by = schedules.scheduled_by(mod)
+    assert set(by) == set(kernels)
+    # Only the scan needs the fallback; everything else has its own rule.
+    fallback = {k for k, r in by.items() if r == "Fallback"}
+    assert fallback and all("cumsum" in k for k in fallback), by
+    for rule in ("Conv2D", "Matmul", "WindowReduction", "Reduction", "Elementwise"):
+        assert rule in by.values(), by
+    feeds = inputs_for(model)
+    assert_close(run_tvm(ex, feeds), run_onnxruntime(model, feeds))
+
+
+def test_fallback_alone_schedules_any_kernel():
+    """With no other rule, the fallback still schedules (and parallelizes) every kernel, and
+    the numbers stay right."""
+    model = small_net()
+    ex, mod = build(model, TARGETS["native"], schedule_pass=schedules.ApplySchedules(schedules.Fallback()))
+    by = schedules.scheduled_by(mod)
+    assert by and set(by.values()) == {"Fallback"}
+    assert all(f.attrs.get("tirx.is_scheduled", False) for _, f in mod.functions_items()
+               if isinstance(f, tvm.tirx.PrimFunc))
+    assert "T.parallel" in "".join(f.script() for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
+    feeds = inputs_for(model)
+    assert_close(run_tvm(ex, feeds), run_onnxruntime(model, feeds))
+
+
+# --- every board's CPU: the kernels compile and link ---------------------------------------
+
+BOARDS = {"rpi4": "aarch64-linux-gnu-g++", "rpi3-armhf": "arm-linux-gnueabihf-g++", "visionfive2": "riscv64-linux-gnu-g++"}
+ELF_MACHINE = {"rpi4": "AArch64", "rpi3-armhf": "ARM", "visionfive2": "RISC-V"}
+
+
+@pytest.mark.parametrize("board", list(BOARDS))
+def test_every_rule_cross_compiles_for_the_board(board, tmp_path):
+    """Codegen and link for each board's target of one module holding every case's kernels
+    (one export, so one LLVM run per board). Numerics for armv7 and riscv64 would need a TVM
+    runtime for them, which PyPI does not ship; aarch64's run in the slow bundle test below."""
+    cxx = BOARDS[board]
+    if shutil.which(cxx) is None:
+        pytest.skip(f"needs {cxx} (scripts/setup installs it)")
+    from tvm.support import cc
+
+    target = _recipe_target(board)
+    lanes = describe(tvm.target.Target(target)).lanes()
+    kernels, rules_seen = {}, set()
+    for case, factory, _kernel, _rule in CASES:
+        _, mod = lower(factory(), target)
+        rules_seen |= set(schedules.scheduled_by(mod).values())
+        for gv, f in mod.functions_items():
+            if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint in schedules.scheduled_by(mod):
+                kernels[f"{case}_{gv.name_hint}".replace("-", "_")] = f
+    assert {"Conv2D", "Matmul", "WindowReduction", "Reduction", "Elementwise", "Fallback"} <= rules_seen
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in kernels.items()})
+    lib = tvm.compile(mod, target=tvm.target.Target(target))
+    so = tmp_path / "kernels.so"
+    lib.export_library(str(so), fcompile=cc.cross_compiler(cxx))
+    header = subprocess.run(["readelf", "-h", str(so)], capture_output=True, text=True, check=True).stdout
+    assert ELF_MACHINE[board] in header
+    if lanes == 1:
+        # No vector unit (rv64gc): loops stay scalar, still parallel.
+        assert "T.vectorized" not in "".join(f.script() for f in kernels.values())
+    assert "T.parallel" in "".join(f.script() for f in kernels.values())
+
+
+@pytest.mark.parametrize("board", ["rpi3-armhf", "visionfive2"])
+def test_numerics_on_boards_without_a_wheel_runtime(board):
+    pytest.skip(f"{board}: running kernels needs a TVM runtime built for it from TVM's sources, which "
+                "this environment does not build; codegen and link are checked above")
+
+
+# --- through a real bundle under qemu-aarch64 --------------------------------------------------
+
+def _edge_model(path: Path) -> Path:
+    """Every rule's edge cases in one model, so one bundle checks them all on the board."""
+    rng = np.random.default_rng(5)
+    f32 = lambda n, v: numpy_helper.from_array(np.array(v, np.float32), n)
+    n = helper.make_node
+    inits = [_w(rng, "w0", (12, 5, 3, 3)), _w(rng, "b0", (12,), 0.5),          # stride 2, odd
+             _w(rng, "wg", (24, 3, 3, 3)), _w(rng, "bg", (24,), 0.5),          # groups 4
+             _w(rng, "wd", (24, 1, 3, 3)), _w(rng, "bd", (24,), 0.5),          # depthwise, dilation 2
+             _w(rng, "wp", (40, 24, 1, 1)), _w(rng, "bp", (40,), 0.5),         # pointwise
+             _w(rng, "wh", (1, 40, 3, 3)), _w(rng, "bh", (1,), 0.5),           # one-channel head
+             _w(rng, "fc", (40, 19)), _w(rng, "fcb", (19,), 0.5),
+             f32("lo", 0.0), f32("hi", 6.0)]
+    nodes = [
+        n("Conv", ["input", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1], strides=[2, 2]), n("Relu", ["c0"], ["r0"]),
+        n("Conv", ["r0", "wg", "bg"], ["c1"], pads=[1, 1, 1, 1], group=4), n("Clip", ["c1", "lo", "hi"], ["r1"]),
+        n("Conv", ["r1", "wd", "bd"], ["c2"], pads=[2, 2, 2, 2], dilations=[2, 2], group=24),
+        n("Conv", ["c2", "wp", "bp"], ["c3"]), n("Relu", ["c3"], ["r3"]),
+        n("MaxPool", ["r3"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        n("Conv", ["p", "wh", "bh"], ["h"], pads=[1, 1, 1, 1]), n("Sigmoid", ["h"], ["heat"]),
+        n("GlobalAveragePool", ["r3"], ["g"]), n("Flatten", ["g"], ["f"]),
+        n("MatMul", ["f", "fc"], ["mm"]), n("Add", ["mm", "fcb"], ["logits"]),
+        n("Softmax", ["logits"], ["probs"], axis=-1),
+    ]
+    model = _model(nodes, [("input", [2, 5, 19, 19])], [("probs", [2, 19]), ("heat", [2, 1, 5, 5])], inits)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_bundle_for_rpi4_verifies_under_qemu(tmp_path):
+    """make + the bundle's selftest under qemu-aarch64: the board's NEON kernels against the
+    same model compiled for this machine; and the bundle's outputs against onnxruntime."""
+    from tests.test_make import harness, need, onnxruntime_outputs, unpack
+
+    need("aarch64-linux-gnu-g++", "qemu-aarch64")
+    from bundler import api
+
+    model = _edge_model(tmp_path / "edges.onnx")
+    res = api.make("rpi4", model, out_dir=tmp_path / "dist", tuned=False, run_verify=True)
+    top = unpack(res.bundle, tmp_path / "x")
+    x = np.random.default_rng(9).uniform(-1, 1, (2, 5, 19, 19)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    harness(top, "rpi4", "run", "--output-dir", str(tmp_path / "out"), f"input={tmp_path / 'x.npy'}")
+    want = onnxruntime_outputs(model, [x])
+    got = [np.load(p) for p in sorted((tmp_path / "out").glob("*.npy"))]
+    assert len(got) == 2
+    by_shape = {g.shape: g for g in got}
+    for w in want:
+        assert_close([by_shape[w.shape]], [w])
