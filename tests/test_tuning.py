@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,8 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bundler import api
 from bundler.build import runtime
-from bundler.compile import model as model_mod
-from bundler.compile import onnxmodel, rpc, tuning
+from bundler.compile import rpc, tuning
 from bundler.config import recipe
 from bundler.errors import UserError
 
@@ -67,17 +67,52 @@ def _workloads(db_path: Path) -> set[str]:
 
 
 def _model_id(path: Path) -> str:
-    return model_mod.digest(onnxmodel.prepare(path, None))
+    from bundler.compile import prepared as prepared_mod
+
+    return prepared_mod.prepare(path, None).model_id
+
+
+@pytest.fixture(autouse=True)
+def own_tuning_dir(tmp_path, monkeypatch):
+    """Each test tunes into a database of its own (the build cache is shared by the session, and the
+    database is shared by every model: tiny() models of any seed share their kernel)."""
+    monkeypatch.setenv("TVMBUNDLE_TUNING_DIR", str(tmp_path / "tuning"))
+    return tmp_path / "tuning"
 
 
 def fresh(path: Path, board: str) -> Path:
-    """Forget an earlier session's database for this model (the build cache is shared)."""
-    import shutil
-
-    r = recipe.load(board)
-    shutil.rmtree(tuning.database_dir(_model_id(path), tuning.board_target(r), runtime.compiler_versions()),
-                  ignore_errors=True)
     return path
+
+
+def two_kernels(path: Path, seed: int = 3) -> Path:
+    """tiny()'s kernel (matmul+add+relu on [1,32] x [32,16]) followed by a second one of its own
+    (matmul+relu [1,16] x [16,32]): a model sharing one kernel with tiny()."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32) * 0.2, "w"),
+             numpy_helper.from_array(rng.standard_normal((16,)).astype(np.float32) * 0.1, "b"),
+             numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32) * 0.2, "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["a"]),
+             helper.make_node("Relu", ["a"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["m2"]),
+             helper.make_node("Relu", ["m2"], ["y"])]
+    g = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return path
+
+
+def _records_by_kernel(db_path: Path) -> dict[str, int]:
+    """workload hash -> how many records the database has for it."""
+    return {k: len(v) for k, v in tuning.Store(db_path).by_workload().items()}
+
+
+def _kernels(model: Path, board: str = "x86_64") -> list[str]:
+    """The workload hashes of the model's tunable kernels."""
+    from bundler.compile import prepared as prepared_mod
+
+    p = prepared_mod.prepare(model, None)
+    return [tuning._describe(t)["workload"] for t in tuning.extract(p, model, recipe.load(board))]
 
 
 @needs_tuning
@@ -90,8 +125,9 @@ def test_native_tune_make_and_resume(tmp_path, run_cli):
     db_path = Path(res["database"])
     r = recipe.load("x86_64")
     versions = runtime.compiler_versions()
-    # Keyed by the model, the board's target and the TVM version.
-    assert db_path == tuning.database_dir(_model_id(m), tuning.board_target(r), versions)
+    # Keyed by the board's target and the TVM version (not the model: every model shares it).
+    assert db_path == tuning.database_dir(tuning.board_target(r), versions)
+    assert res["trials_per_minute"] > 0 and res["build_workers"] == (os.cpu_count() or 1)
     workloads = [json.loads(line) for line in (db_path / tuning.WORKLOADS).read_text().splitlines() if line]
     assert workloads and _workloads(db_path) <= set(range(len(workloads)))
     before = (db_path / tuning.RECORDS).read_text()
@@ -106,14 +142,15 @@ def test_native_tune_make_and_resume(tmp_path, run_cli):
     # make applies it, says so in the manifest, and the tuned bundle passes its selftest.
     result = api.make("x86_64", m, out_dir=tmp_path / "dist")
     assert result.verified and result.verified.ok
-    t = result.manifest["tuning"]
-    assert t["database"] == db_path.name and t["records"] == 3
-    assert t["records_sha256"] == tuning.open_database(db_path).sha256
-    assert result.manifest["target"]["num-cores"] == r.service.threads
+    t = result.manifest.tuning
+    assert t["database"] == db_path.name and t["records"] == 3 and t["workloads"] == 1
+    assert (t["kernels"], t["kernels_tuned"], t["kernels_from_other_models"], t["kernels_defaulted"]) == (1, 1, 0, 0)
+    assert t["records_sha256"] and t["records_sha256"] != tuning.open_database(db_path).sha256   # the best one only
+    assert result.manifest.target["num-cores"] == r.service.threads
 
     # --no-tuning builds another model library (and says no database was used).
     plain = api.make("x86_64", m, out_dir=tmp_path / "plain", tuned=False, run_verify=False)
-    assert plain.manifest["tuning"] is None and plain.bundle_id != result.bundle_id
+    assert plain.manifest.tuning is None and plain.bundle_id != result.bundle_id
 
 
 @needs_tuning
@@ -140,6 +177,182 @@ def test_the_time_limit_holds_and_keeps_what_was_measured(tmp_path):
 
 
 @needs_tuning
+@pytest.mark.slow
+def test_a_kernel_tuned_for_one_model_serves_another(tmp_path):
+    """One database per target: make applies a kernel tuned for another model (and says so), and
+    tuning the second model measures only the kernel the first did not have."""
+    a = tiny(tmp_path / "a.onnx")
+    b = two_kernels(tmp_path / "b.onnx")
+    (shared,) = _kernels(a)
+    assert shared in _kernels(b) and len(_kernels(b)) == 2       # the premise: a workload in both models
+    (own,) = set(_kernels(b)) - {shared}
+
+    first = api.tune("x86_64", a, trials=2)
+    assert first.measured == 2
+    db_path = first.database.path
+    assert _records_by_kernel(db_path) == {shared: 2}
+
+    # b, never tuned: its make takes the shared kernel from a's tuning, defaults the other.
+    made = api.make("x86_64", b, out_dir=tmp_path / "dist", run_verify=False)
+    t = made.manifest.tuning
+    assert (t["kernels"], t["kernels_tuned"], t["kernels_from_other_models"], t["kernels_defaulted"]) == (1 + 1, 0, 1, 1)
+
+    # Tuning b: the shared kernel has its share of b's budget already; only b's own is measured.
+    second = api.tune("x86_64", b, trials=4)
+    assert second.previously == 2 and second.kernels_skipped == 1 and second.kernels_measured == 1
+    counts = _records_by_kernel(db_path)
+    assert counts[shared] == 2 and counts[own] == second.measured > 0
+    t = api.make("x86_64", b, out_dir=tmp_path / "dist2", run_verify=False).manifest.tuning
+    assert (t["kernels_tuned"], t["kernels_from_other_models"], t["kernels_defaulted"]) == (1, 1, 0)
+
+
+@needs_tuning
+def test_export_import_round_trip(tmp_path, monkeypatch, run_cli):
+    """--export writes one file; --import merges it into another machine's (here: another
+    folder's) database, dropping duplicates; the imported kernel counts as tuned elsewhere."""
+    m = tiny(tmp_path / "tiny.onnx", seed=12)
+    assert api.tune("x86_64", m, trials=2).measured == 2
+    f = tmp_path / "records.jsonl"
+    code, out, err = run_cli("tune", "x86_64", "--export", str(f), "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out)["exported"] == 2
+    header = json.loads(f.read_text().splitlines()[0])
+    assert header["target"] == tuning.board_target(recipe.load("x86_64")) and header["records"] == 2
+
+    monkeypatch.setenv("TVMBUNDLE_TUNING_DIR", str(tmp_path / "elsewhere"))
+    assert tuning.find(_model_id(m), recipe.load("x86_64"), runtime.compiler_versions()) is None
+    code, out, err = run_cli("tune", "x86_64", "--import", str(f), "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out)["imported"] == 2 and json.loads(out)["records"] == 2
+    code, out, err = run_cli("tune", "x86_64", "--import", str(f), "--json", "-q")
+    assert code == 0 and json.loads(out)["imported"] == 0 and json.loads(out)["records"] == 2   # duplicates dropped
+
+    # Already tuned here, from the import: nothing to measure; make applies it as another's.
+    assert api.tune("x86_64", m, trials=2).stopped == "already tuned"
+    from bundler.compile import prepared as prepared_mod
+
+    p = prepared_mod.prepare(m, None)
+    db = tuning.find(p.model_id, recipe.load("x86_64"), runtime.compiler_versions())
+    applied = db.for_model(p, p.model_id, m, recipe.load("x86_64"))
+    assert (applied.kernels, applied.tuned, applied.reused, applied.defaulted) == (1, 0, 1, 0)
+    assert applied.path is not None and len((applied.path / tuning.RECORDS).read_text().splitlines()) == 1
+
+    # Records for another target are refused, not mixed in.
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({**header, "target": {"kind": "llvm", "mcpu": "other"}}) + "\n")
+    code, out, err = run_cli("tune", "x86_64", "--import", str(other), "-q")
+    assert code != 0 and "target" in err
+
+
+def test_per_model_databases_of_earlier_versions_are_merged(tmp_path):
+    """A folder of the old layout (tuning/<model key>/) is merged into the shared database once."""
+    r = recipe.load("x86_64")
+    target, versions = tuning.board_target(r), runtime.compiler_versions()
+    old = tuning.root() / tuning.legacy_key("m" * 64, target, versions)
+    old.mkdir(parents=True)
+    (old / tuning.WORKLOADS).write_text(json.dumps(["123", "e30="]) + "\n")
+    rec = [[[], []], [1e-5], {"kind": "llvm"}, []]
+    (old / tuning.RECORDS).write_text(json.dumps([0, rec]) + "\n" + json.dumps([0, rec]) + "\n")
+    (old / tuning.META).write_text(json.dumps({"model_sha256": "m" * 64, "model": "old.onnx", "target": target,
+                                               **versions}))
+    for _ in range(2):                          # the second look merges nothing again
+        store = tuning.open_store(target, versions)
+        assert _records_by_kernel(store.path) == {"123": 1}     # the duplicate dropped too
+    assert store.model_info("m" * 64)["measured"] == ["123"]
+
+
+def test_budget_follows_each_kernels_share():
+    assert tuning.allocate(10, [3.0, 1.0, 1.0]) == [6, 2, 2]
+    assert tuning.allocate(1, [1.0, 5.0]) == [0, 1]
+    assert sum(tuning.allocate(64, [float(i) for i in range(1, 63)])) == 64
+
+
+_SLOW_MARK = "TVMBUNDLE_TEST_SLOW_EXPORT"
+
+
+def _slow_after_two(mod):
+    """An f_export for the builder: the first two candidates of the (single) worker export at
+    once, every later one hangs (a build that would take minutes)."""
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_export
+
+    n = globals()["_calls"] = globals().get("_calls", 0) + 1
+    if n > 2:
+        Path(os.environ[_SLOW_MARK]).write_text(str(os.getpid()))
+        time.sleep(600)
+    return default_export(mod)
+
+
+@needs_tuning
+@pytest.mark.slow
+def test_the_time_limit_ends_a_round_in_progress(tmp_path, monkeypatch):
+    """A build that would take ten minutes is in flight when the limit comes: the run ends then,
+    kills that build, and keeps the round measured before it."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from bundler.compile import prepared as prepared_mod
+
+    mark = tmp_path / "slow.pid"
+    monkeypatch.setenv(_SLOW_MARK, str(mark))
+    m = two_kernels(tmp_path / "b.onnx", seed=5)
+    r = recipe.load("x86_64")
+    p = prepared_mod.prepare(m, None)
+    builder = tuning.CandidateBuilder(workers=1, timeout=900, f_export=_slow_after_two)
+    runner = ms.runner.LocalRunner(timeout_sec=60, initializer=tuning.ignore_sigint())
+    start = time.monotonic()
+    result = tuning.tune(r, p, p.model_id, m, runtime.compiler_versions(), trials=4, timeout=40, runner=runner,
+                         builder=builder, runner_name="local")
+    assert time.monotonic() - start < 100              # returned: not after the 600 s build
+    assert result.stopped == "time limit"
+    assert mark.is_file(), "the limit came before the second round: the machine is too slow for this test"
+    assert result.measured == 2 and result.kernels_measured == 1        # the first round, kept
+    assert sum(_records_by_kernel(result.database.path).values()) == 2
+    pid = int(mark.read_text())
+    for _ in range(50):                                 # the hanging build was killed
+        if not Path(f"/proc/{pid}").exists():
+            break
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists()
+
+
+@needs_tuning
+@pytest.mark.slow
+def test_ctrl_c_keeps_what_was_measured(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) in the middle of a run:
+    exit 130 within seconds, no traceback from tvmbundle or its workers, the records kept."""
+    import signal
+
+    m = tiny(tmp_path / "tiny.onnx", seed=13)
+    env = dict(os.environ, TVMBUNDLE_TUNING_DIR=str(tmp_path / "tuning"))
+    p = subprocess.Popen([sys.executable, "-m", "bundler", "tune", "x86_64", "--model", str(m), "--trials",
+                          "100000", "-q"], cwd=Path(__file__).resolve().parent.parent, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        records = None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and p.poll() is None:
+            found = glob.glob(str(tmp_path / "tuning" / "*" / tuning.RECORDS))
+            if found and Path(found[0]).read_text().count("\n") >= 1:
+                records = Path(found[0])
+                break
+            time.sleep(0.2)
+        assert records is not None, f"no record after 90 s: {p.stderr.read() if p.poll() is not None else ''}"
+        time.sleep(1.0)                                  # into the next round
+        os.killpg(p.pid, signal.SIGINT)
+        t0 = time.monotonic()
+        _, err = p.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "what was measured is kept" in err, err
+    kept = [line for line in records.read_text().splitlines() if line.strip()]
+    assert kept and all(json.loads(line)[0] == 0 for line in kept)
+    assert took < 30, f"took {took:.0f} s to stop"
+
+
+@needs_tuning
 def test_aarch64_over_rpc_under_qemu(tmp_path):
     """The whole RPC flow for a foreign board: the board's own harness serves under qemu-aarch64,
     candidates are cross-built with the board's compiler and measured there, make applies them."""
@@ -152,7 +365,7 @@ def test_aarch64_over_rpc_under_qemu(tmp_path):
     db = result.database
     assert db.workloads >= 1          # measured on the board without errors (run_secs recorded)
     made = api.make("aarch64", m, out_dir=tmp_path / "dist")
-    assert made.manifest["tuning"]["database"] == db.key
+    assert made.manifest.tuning["database"] == db.key
     assert made.verified and made.verified.ok    # its selftest under qemu-aarch64
 
 

@@ -56,10 +56,12 @@ def compile_for_board(prepared: Prepared, model_id: str, source: Path, recipe: R
                       versions: dict[str, str], database=None) -> CompiledModel:
     """``model_id`` is ``prepared.model_id`` (the prepared graph's sha256).
 
-    ``database`` (a :class:`bundler.compile.tuning.Database`) supplies tuned schedules; kernels it lacks get
-    TVM's default CPU schedules. The target carries the board's thread count (num-cores)."""
+    ``database`` (a :class:`bundler.compile.tuning.Database`) supplies tuned schedules: the best record of
+    each of the model's kernels it has (from any model); kernels it lacks get the default schedules.
+    The target carries the board's thread count (num-cores)."""
+    applied = database.for_model(prepared, model_id, source, recipe) if database else None
     key = cache.key("model", model_id, board_target(recipe), versions, tc.identity(),
-                    {"tuning": database.sha256 if database else None, "pipeline": 2})
+                    {"tuning": applied.sha256 if applied else None, "pipeline": _pipeline_identity()})
 
     def build(tmp: Path) -> dict[str, Any]:
         tvm, _ = _tvm()
@@ -68,7 +70,7 @@ def compile_for_board(prepared: Prepared, model_id: str, source: Path, recipe: R
         target = tvm.target.Target(board_target(recipe))
         try:
             ex = tvm.compile(mod, target=target,
-                             relax_pipeline=pipeline(target, database.path if database else None))
+                             relax_pipeline=pipeline(target, applied.path if applied else None))
         except Exception as e:
             raise ModelError(f"{source}: TVM failed to compile the model for {recipe.name}: "
                              f"{str(e).strip().splitlines()[-1]}") from None
@@ -77,6 +79,14 @@ def compile_for_board(prepared: Prepared, model_id: str, source: Path, recipe: R
 
     entry = cache.get("model", key, build)
     return CompiledModel(entry.path / "model.so", entry.hit)
+
+
+def _pipeline_identity() -> str:
+    """The compile pipeline's version, for the model cache's key: the hash of the pipeline and of
+    the default schedules' sources, so a change to either recompiles instead of reusing old code."""
+    here = Path(__file__).parent
+    files = [here / "pipeline.py", *sorted((here / "schedules").glob("*.py"))]
+    return cache.key(*(cache.sha256_file(f) for f in files))
 
 
 def _workdir(tmp: Path) -> Path:

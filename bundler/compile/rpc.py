@@ -151,10 +151,18 @@ def _connect_direct(host: str, port: int, key: str, timeout: int, _config: Any):
 
 def measure_setup(recipe: Recipe, endpoint: Endpoint | None, *, timeout: int = 60) -> tuple[Any, Any, str]:
     """(builder, runner, description) for measuring candidates for ``recipe``: local when
-    ``endpoint`` is None (a native board), else built with the board's compiler and run over RPC."""
+    ``endpoint`` is None (a native board), else built with the board's compiler and run over RPC.
+
+    The builder (a :class:`bundler.compile.tuning.CandidateBuilder`) builds on every core of this
+    machine; behind a tracker the runner measures on every server registered under the key at once.
+    The runners' worker processes ignore Ctrl-C: tuning stops them itself, keeping what was measured.
+    """
     from tvm.s_tir import meta_schedule as ms
 
+    from bundler.compile import candidates, tuning
+
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False)
+    workers = max(1, os.cpu_count() or 1)
     if endpoint is None:
         if recipe.foreign:
             raise UserError(f"{recipe.name} is not this machine's architecture: its candidates must run on the "
@@ -162,20 +170,38 @@ def measure_setup(recipe: Recipe, endpoint: Endpoint | None, *, timeout: int = 6
                             hint="give --host USER@DEVICE (tvmbundle starts the RPC server there over SSH), "
                                  "--rpc HOST:PORT or --tracker HOST:PORT --key KEY, or --emulate to check the "
                                  "flow under qemu-user")
-        builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=120)
-        runner = ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=timeout)
+        builder = tuning.CandidateBuilder(workers=workers, timeout=120)
+        runner = ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=timeout,
+                                       initializer=tuning.ignore_sigint())
         return builder, runner, "local"
     tc = toolchain.resolve(recipe)
-    builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=120, f_export=cross_export_for(tc))
+    options = [f"--sysroot={tc.sysroot}"] if tc.sysroot else []
+    builder = tuning.CandidateBuilder(workers=workers, timeout=120, f_export=functools.partial(
+        candidates.cross_export, str(tc.cxx), [*options, *tc.ldflags]))
     if endpoint.tracker:
         config = ms.runner.RPCConfig(tracker_host=endpoint.host, tracker_port=endpoint.port,
                                      tracker_key=endpoint.key, session_timeout_sec=timeout)
-        runner = ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1)
+        runner = ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator,
+                                     max_workers=_tracker_servers(endpoint), initializer=tuning.ignore_sigint())
     else:
         # RPCRunner insists on tracker fields even when sessions are made another way.
         config = ms.runner.RPCConfig(tracker_host="direct", tracker_port=endpoint.port, tracker_key=endpoint.key,
                                      session_timeout_sec=timeout)
         runner = ms.runner.RPCRunner(
-            rpc_config=config, evaluator_config=evaluator, max_workers=1,
+            rpc_config=config, evaluator_config=evaluator, max_workers=1, initializer=tuning.ignore_sigint(),
             f_create_session=functools.partial(_connect_direct, endpoint.host, endpoint.port, endpoint.key, timeout))
     return builder, runner, endpoint.describe()
+
+
+def _tracker_servers(endpoint: Endpoint) -> int:
+    """How many servers the tracker has under the key (at least 1): measured on at once."""
+    from tvm import rpc as tvm_rpc
+
+    try:
+        summary = tvm_rpc.connect_tracker(endpoint.host, endpoint.port).summary()
+    except Exception as e:  # noqa: BLE001 -- the runner reports an unreachable tracker itself
+        log.debug("tracker %s:%d: %s", endpoint.host, endpoint.port, e)
+        return 1
+    queue = summary.get("queue_info", {}).get(endpoint.key, {})
+    servers = sum(1 for s in summary.get("server_info", []) if str(s.get("key", "")).split(":")[-1] == endpoint.key)
+    return max(1, servers, int(queue.get("free", 0) or 0))

@@ -1,33 +1,57 @@
-"""Tuning a model's kernels with MetaSchedule, and the database that keeps the results.
+"""Tuning kernels with MetaSchedule, and the database that keeps the results for every model.
 
 TVM 0.27's default CPU pipeline legalizes and fuses operators but leaves every kernel
-unscheduled (one thread, no vectorization). ``tvmbundle tune`` measures candidate schedules
-for each fused kernel of the model, on the board itself, and keeps the best in a MetaSchedule
-JSON database; ``tvmbundle make`` applies a matching database when it compiles.
+unscheduled. ``tvmbundle tune`` measures candidate schedules for each fused kernel of a model,
+on the board itself, and keeps them in a MetaSchedule JSON database; ``tvmbundle make`` applies
+the best record of every kernel of its model that the database has, whatever model it was
+tuned for.
 
-A database belongs to one model (its prepared graph), one board target and one TVM version:
-it lives in the cache under ``tuning/<key>/`` with the key hashing exactly those. Records are
-appended as they are measured, so Ctrl-C keeps what was measured; the trial budget counts
-every record already there, so a second run resumes instead of starting over.
+The database belongs to a board target and a TVM version, not to a model: it lives under
+``<cache>/tuning/<key>/`` (or ``$TVMBUNDLE_TUNING_DIR/<key>/``), the key hashing the target
+(with the thread count as num-cores) and the TVM package versions. MetaSchedule identifies a
+kernel (a "workload") by the structural hash of its TIR, so two models with the same conv
+share its records. The folder holds
 
-Where candidates run: natively on this machine when the board is this machine's architecture
-(MetaSchedule's local runner), otherwise on the board through TVM's RPC (see :mod:`bundler.rpc`).
+* ``database_workload.json`` / ``database_tuning_record.json``: MetaSchedule's JSONDatabase
+  files (what ``MetaScheduleApplyDatabase`` reads), appended under a lock (``.lock``) so
+  several ``tune`` runs can share it;
+* ``models/<model sha256>.json``: which workloads a model has and which its own runs measured
+  (so ``make`` can tell kernels tuned for this model from kernels tuned for another);
+* ``tuning.json``: what it is for and the runs that wrote it.
+
+Per-model folders of earlier versions (``tuning/<model key>/``) are merged into it on first use.
+
+Tuning is our own loop over MetaSchedule's search strategies rather than its task scheduler:
+candidates build in a pool of worker processes kept for the whole run on every core of this
+machine, are measured by MetaSchedule's runner (here, or on the boards over RPC, several at
+once behind a tracker), and every measured batch is appended to the database. The time limit
+and Ctrl-C stop the run between two polls (a fraction of a second, or one search step), kill
+the builds and measurements in flight, and keep everything measured before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
 import logging
+import math
 import os
+import queue
 import shutil
-import tempfile
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bundler import cache
+from bundler.compile import candidates
 from bundler.compile.model import to_relax
 from bundler.compile.pipeline import board_target, lower_for_tuning
 from bundler.config.recipe import Recipe
@@ -38,57 +62,296 @@ log = logging.getLogger("tvmbundle")
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
 META = "tuning.json"
+MODELS = "models"
+LOCK = ".lock"
+EXPORT_FORMAT = "tvmbundle-tuning-records"
+LOWERING = 1           # bump when pipeline._pre_tuning_passes changes: models/ lists go stale
+FAILED = 1e10           # MetaSchedule's run time for a candidate that did not build or run
 
 
-# --- the database -----------------------------------------------------------------------------
+# --- where databases live ---------------------------------------------------------------------
 
-def database_key(model_id: str, target: dict[str, Any], versions: dict[str, str]) -> str:
+def root() -> Path:
+    env = os.environ.get("TVMBUNDLE_TUNING_DIR")
+    return Path(env) if env else cache.root() / "tuning"
+
+
+def database_key(target: dict[str, Any], versions: dict[str, str]) -> str:
+    return cache.key("tuning-db", target, versions)
+
+
+def database_dir(target: dict[str, Any], versions: dict[str, str]) -> Path:
+    return root() / database_key(target, versions)
+
+
+def legacy_key(model_id: str, target: dict[str, Any], versions: dict[str, str]) -> str:
+    """The key of the per-model folders earlier versions wrote."""
     return cache.key("tuning", model_id, target, versions)
 
 
-def database_dir(model_id: str, target: dict[str, Any], versions: dict[str, str]) -> Path:
-    return cache.root() / "tuning" / database_key(model_id, target, versions)
+# --- the files of a database ------------------------------------------------------------------
+
+def _canon(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def _lines(path: Path) -> Iterator[Any]:
+    """The JSON values of a JSON-lines file, skipping a line cut by a crash (MetaSchedule does too)."""
+    if not path.is_file():
+        return
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    continue
+
+
+def _good(rec: Any) -> float | None:
+    """The mean run time of a record that measured, None for a failed one."""
+    secs = rec[1] if isinstance(rec, list) and len(rec) > 1 else None
+    if isinstance(secs, list) and secs and all(isinstance(s, (int, float)) and s < 1e9 for s in secs):
+        return sum(secs) / len(secs)
+    return None
+
+
+class Store:
+    """The files of one database folder, safe to append to from several processes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._wl_offset = 0
+        self._wl_index: dict[str, int] = {}
+        self._wl_count = 0
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / LOCK, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def workloads(self) -> list[list]:
+        return [w for w in _lines(self.path / WORKLOADS) if isinstance(w, list) and len(w) == 2]
+
+    def records(self) -> Iterator[tuple[int, Any]]:
+        for r in _lines(self.path / RECORDS):
+            if isinstance(r, list) and len(r) == 2 and isinstance(r[0], int):
+                yield r[0], r[1]
+
+    def by_workload(self) -> dict[str, list[Any]]:
+        """shash -> its records (MetaSchedule's JSON of each)."""
+        shash = [w[0] for w in self.workloads()]
+        out: dict[str, list[Any]] = {}
+        for i, rec in self.records():
+            if 0 <= i < len(shash):
+                out.setdefault(shash[i], []).append(rec)
+        return out
+
+    def _refresh_index(self) -> None:
+        """Read the workloads appended since the last look (under the lock)."""
+        f = self.path / WORKLOADS
+        if not f.is_file():
+            return
+        with open(f, "rb") as fh:
+            fh.seek(self._wl_offset)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1           # a line being written is read next time
+        for line in data[:end].splitlines():
+            if not line.strip():
+                continue
+            try:
+                w = json.loads(line)
+            except ValueError:
+                w = None
+            if isinstance(w, list) and len(w) == 2:
+                self._wl_index.setdefault(w[0], self._wl_count)
+                self._wl_count += 1
+        self._wl_offset += end
+
+    @staticmethod
+    def _append_lines(path: Path, lines: list[str]) -> None:
+        if not lines:
+            return
+        with open(path, "ab+") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell():
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":      # a line cut by a crash: do not glue ours to it
+                    f.write(b"\n")
+            f.write(("\n".join(lines) + "\n").encode())
+            f.flush()
+
+    def append(self, pairs: list[tuple[list, Any]], dedupe: bool = False) -> int:
+        """Append (workload JSON, record JSON) pairs, adding workloads as needed; returns how many
+        records were written (``dedupe``: dropping those already there, for imports)."""
+        if not pairs:
+            return 0
+        with self.lock():
+            self._refresh_index()
+            seen: set[tuple[int, str]] = set()
+            if dedupe:
+                seen = {(i, _canon(rec[0])) for i, rec in self.records()}
+            new_wl, new_rec = [], []
+            for wl, rec in pairs:
+                i = self._wl_index.get(wl[0])
+                if i is None:
+                    i = self._wl_count + len(new_wl)
+                    self._wl_index[wl[0]] = i
+                    new_wl.append(json.dumps(wl))
+                k = (i, _canon(rec[0]))
+                if dedupe and k in seen:
+                    continue
+                seen.add(k)
+                new_rec.append(json.dumps([i, rec]))
+            self._append_lines(self.path / WORKLOADS, new_wl)
+            self._wl_count += len(new_wl)
+            self._wl_offset = (self.path / WORKLOADS).stat().st_size if new_wl else self._wl_offset
+            self._append_lines(self.path / RECORDS, new_rec)
+        return len(new_rec)
+
+    # which model has which workloads, and measured which
+    def model_file(self, model_id: str) -> Path:
+        return self.path / MODELS / f"{model_id}.json"
+
+    def model_info(self, model_id: str) -> dict[str, Any]:
+        f = self.model_file(model_id)
+        try:
+            return json.loads(f.read_text()) if f.is_file() else {}
+        except ValueError:
+            return {}
+
+    def update_model(self, model_id: str, **changes: Any) -> None:
+        """Merge ``changes`` into the model's file ("measured" lists are united)."""
+        try:
+            with self.lock():
+                info = self.model_info(model_id)
+                for k, v in changes.items():
+                    info[k] = sorted(set(info.get(k, [])) | set(v)) if k == "measured" else v
+                f = self.model_file(model_id)
+                f.parent.mkdir(parents=True, exist_ok=True)
+                tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+                tmp.replace(f)
+        except OSError as e:           # a read-only --tuning-db folder: the index is only a cache
+            log.debug("cannot write %s: %s", self.model_file(model_id), e)
+
+    def meta(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / META).read_text()) if (self.path / META).is_file() else {}
+        except ValueError:
+            return {}
+
+    def write_meta(self, **changes: Any) -> None:
+        with self.lock():
+            meta = {**self.meta(), **changes}
+            tmp = self.path / f".{META}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+            tmp.replace(self.path / META)
+            # Listed by `tvmbundle cache` like every other entry; "created" is the last write, so
+            # `cache prune --older-than` removes databases nobody has tuned into for that long.
+            (self.path / ".complete.json").write_text(json.dumps({"created": time.time(), "tuning": True}))
+
+
+def _count(path: Path) -> tuple[int, int]:
+    """(records, distinct workloads with a valid measurement) of a JSON database folder."""
+    records, good = 0, set()
+    for i, rec in Store(path).records():
+        records += 1
+        if _good(rec) is not None:
+            good.add(i)
+    return records, len(good)
+
+
+# --- the database as make sees it -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Applied:
+    """What a database holds for one model: its best records, in a folder of their own."""
+    path: Path | None         # None when no kernel of the model has a good record
+    sha256: str | None
+    kernels: int              # the model's tunable kernels
+    tuned: int                # ... with records measured while tuning this model
+    reused: int               # ... with records only from other models (or imported)
+    defaulted: int            # ... without a good record: default schedules
+    records: int              # records the database has for the model's kernels
 
 
 @dataclass(frozen=True)
 class Database:
     path: Path
     key: str
-    records: int          # measured candidates (each one a record)
-    workloads: int        # kernels with at least one record
+    records: int          # measured candidates (each one a record), all models
+    workloads: int        # kernels with at least one good record, all models
     meta: dict[str, Any] = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict, compare=False)   # set by for_model
 
     @property
     def sha256(self) -> str:
+        if self.usage.get("records_sha256"):
+            return self.usage["records_sha256"]
         return cache.sha256_file(self.path / RECORDS) if (self.path / RECORDS).is_file() else ""
 
     def manifest(self) -> dict[str, Any]:
-        """What a bundle's manifest says about the tuning it was built with."""
-        return {"database": self.key, "records": self.records, "workloads": self.workloads,
-                "records_sha256": self.sha256, "trials": self.meta.get("trials"),
-                "runner": self.meta.get("runner"), "seconds": self.meta.get("seconds"),
-                "apache-tvm": self.meta.get("apache-tvm")}
+        """What a bundle's manifest says about the tuning it was built with: after
+        :meth:`for_model`, how many of the model's kernels were tuned for it, taken from other
+        models' tuning, or left to default schedules."""
+        if not self.usage:
+            return {"database": self.key, "records": self.records, "workloads": self.workloads,
+                    "records_sha256": self.sha256, "apache-tvm": self.meta.get("apache-tvm")}
+        # Only what this model's bundle depends on: tuning another model (another kernel) must
+        # not change it.
+        u = self.usage
+        return {"database": self.key, "records": u["model_records"],
+                "workloads": u["kernels_tuned"] + u["kernels_from_other_models"],
+                "records_sha256": u["records_sha256"], "kernels": u["kernels"],
+                "kernels_tuned": u["kernels_tuned"], "kernels_from_other_models": u["kernels_from_other_models"],
+                "kernels_defaulted": u["kernels_defaulted"], "apache-tvm": self.meta.get("apache-tvm")}
 
+    def for_model(self, prepared, model_id: str, source: Path, recipe: Recipe) -> Applied:
+        """The best record of each of the model's kernels, as a database folder of its own (in the
+        build cache, named by its content) for MetaScheduleApplyDatabase."""
+        store = Store(self.path)
+        kernels = model_kernels(store, prepared, model_id, source, recipe)
+        measured_here = set(store.model_info(model_id).get("measured", []))
+        wanted = {k["workload"] for k in kernels}
+        wls = {w[0]: w for w in store.workloads() if w[0] in wanted}
+        best: dict[str, tuple[float, Any]] = {}
+        records = 0
+        for shash, recs in store.by_workload().items():
+            if shash not in wanted:
+                continue
+            records += len(recs)
+            for rec in recs:
+                secs = _good(rec)
+                if secs is not None and (shash not in best or secs < best[shash][0]):
+                    best[shash] = (secs, rec)
+        tuned = sum(1 for s in best if s in measured_here)
+        applied = Applied(None, None, len(wanted), tuned, len(best) - tuned, len(wanted) - len(best), records)
+        if best:
+            order = sorted(best)
+            wl_text = "".join(json.dumps(wls[s]) + "\n" for s in order)
+            rec_text = "".join(json.dumps([i, best[s][1]]) + "\n" for i, s in enumerate(order))
+            digest = cache.key("tuning-applied", wl_text, rec_text)
 
-def _count(path: Path) -> tuple[int, int]:
-    """(records, distinct workloads with a valid measurement) of a JSON database folder."""
-    f = path / RECORDS
-    if not f.is_file():
-        return 0, 0
-    records, good = 0, set()
-    for line in f.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            wl, rec = json.loads(line)
-        except ValueError:      # a line cut by a crash: MetaSchedule skips it too
-            continue
-        records += 1
-        secs = rec[1] if isinstance(rec, list) and len(rec) > 1 else None
-        if isinstance(secs, list) and secs and all(isinstance(s, (int, float)) and s < 1e9 for s in secs):
-            good.add(wl)
-    return records, len(good)
+            def build(tmp: Path) -> dict[str, Any]:
+                (tmp / WORKLOADS).write_text(wl_text)
+                (tmp / RECORDS).write_text(rec_text)
+                return {"database": self.key, "model_sha256": model_id}
+
+            entry = cache.get("tuning-applied", digest, build)
+            applied = Applied(entry.path, cache.sha256_file(entry.path / RECORDS), *[
+                getattr(applied, f) for f in ("kernels", "tuned", "reused", "defaulted", "records")])
+        self.usage.clear()
+        self.usage.update({"records_sha256": applied.sha256, "kernels": applied.kernels,
+                           "kernels_tuned": applied.tuned, "kernels_from_other_models": applied.reused,
+                           "kernels_defaulted": applied.defaulted, "model_records": applied.records})
+        return applied
 
 
 def open_database(path: Path) -> Database | None:
@@ -97,91 +360,539 @@ def open_database(path: Path) -> Database | None:
     records, workloads = _count(path)
     if records == 0:
         return None
-    meta = json.loads((path / META).read_text()) if (path / META).is_file() else {}
+    meta = Store(path).meta()
     return Database(path, meta.get("key", path.name), records, workloads, meta)
 
 
+def open_store(target: dict[str, Any], versions: dict[str, str]) -> Store:
+    """The board target's database (created, and earlier per-model folders merged in)."""
+    path = database_dir(target, versions)
+    store = Store(path)
+    if not (path / META).is_file():
+        path.mkdir(parents=True, exist_ok=True)
+        store.write_meta(key=path.name, target=target, **versions, shared=True,
+                         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    _migrate_legacy(store, target, versions)
+    return store
+
+
 def find(model_id: str, recipe: Recipe, versions: dict[str, str]) -> Database | None:
-    """The tuning database for this model, board target and TVM version, if one was written."""
-    return open_database(database_dir(model_id, board_target(recipe), versions))
+    """The board target's tuning database for this TVM version, if it has any record (of any
+    model: :meth:`Database.for_model` picks this model's)."""
+    target = board_target(recipe)
+    if not root().is_dir():
+        return None
+    open_store(target, versions)
+    return open_database(database_dir(target, versions))
+
+
+def _migrate_legacy(store: Store, target: dict[str, Any], versions: dict[str, str]) -> None:
+    """Merge the per-model folders of earlier versions (same target and TVM) into ``store``, once."""
+    base = store.path.parent
+    if not base.is_dir():
+        return
+    for d in base.iterdir():
+        if d == store.path or not (d / META).is_file():
+            continue
+        old = Store(d)
+        meta = old.meta()
+        model_id = meta.get("model_sha256")
+        if not model_id or meta.get("migrated_to") or meta.get("target") != target \
+                or any(meta.get(k) != v for k, v in versions.items()) \
+                or d.name != legacy_key(model_id, target, versions):
+            continue
+        shash = [w for w in old.workloads()]
+        pairs = [(shash[i], rec) for i, rec in old.records() if 0 <= i < len(shash)]
+        added = store.append(pairs, dedupe=True)
+        store.update_model(model_id, model=meta.get("model"), measured=[w[0] for w, _ in pairs])
+        old.write_meta(migrated_to=store.path.name)
+        log.info("merged %d records of %s (%s) into the shared tuning database %s",
+                 added, d.name, meta.get("model"), store.path.name)
+
+
+def model_kernels(store: Store, prepared, model_id: str, source: Path, recipe: Recipe) -> list[dict[str, Any]]:
+    """The model's tunable kernels (workload hash, name, weight, estimated cost), remembered in
+    the database's models/ folder."""
+    info = store.model_info(model_id)
+    if isinstance(info.get("kernels"), list) and info.get("lowering") == LOWERING:
+        return info["kernels"]
+    tasks = extract(prepared, source, recipe)
+    kernels = [_describe(t) for t in tasks]
+    store.update_model(model_id, model=source.name, kernels=kernels, lowering=LOWERING)
+    return kernels
+
+
+def extract(prepared, source: Path, recipe: Recipe):
+    """MetaSchedule's tasks for the model's kernels that are not scheduled already."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    target = tvm.target.Target(board_target(recipe))
+    mod = lower_for_tuning(to_relax(prepared, source), target)
+    return [t for t in ms.relax_integration.extract_tasks(mod, target)
+            if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
+
+
+def _workload_json(mod) -> list:
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.Workload(mod).as_json()
+
+
+def _describe(task) -> dict[str, Any]:
+    mod = task.dispatched[0]
+    return {"workload": _workload_json(mod)[0], "name": task.task_name, "weight": int(task.weight),
+            "cost": _cost(mod)}
+
+
+def _cost(mod) -> float:
+    """A kernel's estimated cost per call: its FLOPs, or the elements it touches when that is more
+    (data movement kernels have no FLOPs but still take time)."""
+    flops = 0.0
+    try:
+        from tvm.s_tir.analysis import estimate_tir_flops
+
+        flops = float(estimate_tir_flops(mod))
+    except Exception as e:  # noqa: BLE001 -- TVM's analysis rejects some kernels; the size still counts
+        log.debug("no FLOP estimate: %s", e)
+    elements = 0
+    for func in mod.functions.values():
+        for p in getattr(func, "params", []):
+            buf = func.buffer_map.get(p) if hasattr(func, "buffer_map") else None
+            if buf is not None:
+                with contextlib.suppress(TypeError, ValueError):
+                    elements += math.prod(int(d) for d in buf.shape)
+    return max(flops, float(elements), 1.0)
+
+
+def allocate(total: int, shares: list[float]) -> list[int]:
+    """``total`` trials split by ``shares`` (largest remainders)."""
+    s = sum(shares)
+    if total <= 0 or s <= 0:
+        return [0] * len(shares)
+    exact = [total * x / s for x in shares]
+    out = [int(e) for e in exact]
+    for i in sorted(range(len(shares)), key=lambda i: (exact[i] - out[i], shares[i]), reverse=True)[:total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+# --- export and import ------------------------------------------------------------------------
+
+def export_records(store: Store, dest: Path, target: dict[str, Any], versions: dict[str, str]) -> int:
+    """Write the database as one portable JSON-lines file: a header, then one line per record with
+    its workload. Returns the number of records."""
+    wls = store.workloads()
+    lines = []
+    for i, rec in store.records():
+        if 0 <= i < len(wls):
+            lines.append(json.dumps({"workload": wls[i], "record": rec}))
+    header = {"format": EXPORT_FORMAT, "version": 1, "target": target, "versions": versions,
+              "records": len(lines), "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.write_text(json.dumps(header, sort_keys=True) + "\n" + "".join(x + "\n" for x in lines))
+    tmp.replace(dest)
+    return len(lines)
+
+
+def import_records(store: Store, src: Path, target: dict[str, Any], versions: dict[str, str]) -> tuple[int, int]:
+    """Merge an exported file into ``store``: (records added, duplicates dropped)."""
+    src = Path(src)
+    try:
+        with open(src) as f:
+            header = json.loads(f.readline() or "null")
+    except (OSError, ValueError) as e:
+        raise UserError(f"--import: {src}: not a tuning records file ({e})") from None
+    if not isinstance(header, dict) or header.get("format") != EXPORT_FORMAT:
+        raise UserError(f"--import: {src}: not a tuning records file (written by `tvmbundle tune --export`)")
+    if header.get("target") != target:
+        raise UserError(f"--import: {src}: its records are for the target {header.get('target')}, "
+                        f"this board tunes for {target}")
+    if header.get("versions") != versions:
+        raise UserError(f"--import: {src}: its records were measured with {header.get('versions')}, "
+                        f"this machine has {versions}: MetaSchedule records do not carry over between TVM versions")
+    pairs = []
+    for i, obj in enumerate(_lines(src)):
+        if i == 0:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("workload"), list) and isinstance(obj.get("record"), list):
+            pairs.append((obj["workload"], obj["record"]))
+    added = store.append(pairs, dedupe=True)
+    store.write_meta(imported=[*store.meta().get("imported", []),
+                               {"file": src.name, "records": added, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}])
+    return added, len(pairs) - added
 
 
 # --- tuning -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CandidateBuilder:
+    """How candidates are built: ``workers`` processes on this machine, kept for the whole run,
+    each with ``timeout`` seconds per candidate; ``f_export`` links for a foreign board."""
+    workers: int = 1
+    timeout: float = 120.0
+    f_export: Callable | None = None
+
+
+def ignore_sigint() -> Callable[[], Any]:
+    """An initializer for MetaSchedule's worker processes: Ctrl-C in a terminal goes to the whole
+    process group, and the workers must leave it to this process (which stops them)."""
+    return functools.partial(signal.signal, signal.SIGINT, signal.SIG_IGN)
+
 
 @dataclass(frozen=True)
 class TuneResult:
     database: Database | None
     tasks: int
     measured: int            # trials measured by this run
-    previously: int          # records that were there before
+    previously: int          # records the model's kernels had before
     seconds: float
-    stopped: str             # "budget", "time limit", "already tuned", "no tasks"
+    stopped: str             # "budget", "time limit", "interrupted", "already tuned", "no tasks", "no model"
+    kernels_measured: int = 0    # kernels this run measured
+    kernels_skipped: int = 0     # kernels that had their share of the budget already (from any model)
+    build_workers: int = 0
+    measure_workers: int = 0
+    imported: int = 0            # records --import added
+    exported: int = 0            # records --export wrote
+
+    @property
+    def trials_per_minute(self) -> float:
+        return round(self.measured * 60.0 / self.seconds, 1) if self.seconds > 0 else 0.0
 
 
 def tune(recipe: Recipe, prepared, model_id: str, source: Path, versions: dict[str, str], *,
          trials: int, timeout: float, runner: Any, builder: Any, runner_name: str,
          on_progress: Callable[[int, int], None] | None = None) -> TuneResult:
-    """Measure up to ``trials`` candidates in total (counting earlier runs) within ``timeout`` s.
+    """Bring the model's kernels to ``trials`` records in all, split by each kernel's share of the
+    model's time (calls x estimated cost), counting records from earlier runs of any model;
+    stop after ``timeout`` s (0: no limit) or at Ctrl-C, keeping what was measured.
 
-    ``runner``/``builder`` are MetaSchedule objects from :func:`bundler.rpc.measure_setup`.
+    ``runner`` is a MetaSchedule runner and ``builder`` a :class:`CandidateBuilder`, both from
+    :func:`bundler.rpc.measure_setup`. Ctrl-C raises KeyboardInterrupt once the records are saved.
     """
+    start = time.monotonic()
+    session = _Session(start + timeout if timeout > 0 else None)
+    with session.signals():
+        result = _tune(session, recipe, prepared, model_id, source, versions, trials, runner, builder,
+                       runner_name, on_progress, start)
+    if result.stopped == "interrupted":
+        raise KeyboardInterrupt
+    return result
+
+
+def _tune(session, recipe, prepared, model_id, source, versions, trials, runner, builder, runner_name,
+          on_progress, start) -> TuneResult:
     import tvm
-    from tvm.s_tir import meta_schedule as ms
 
     target_dict = board_target(recipe)
     target = tvm.target.Target(target_dict)
-    path = database_dir(model_id, target_dict, versions)
-    path.mkdir(parents=True, exist_ok=True)
-    before, _ = _count(path)
-    remaining = trials - before
-    start = time.monotonic()
-
-    mod = lower_for_tuning(to_relax(prepared, source), target)
-    extracted = [t for t in ms.relax_integration.extract_tasks(mod, target)
-                 if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
-    if not extracted:
-        return TuneResult(open_database(path), 0, 0, before, 0.0, "no tasks")
-    if remaining <= 0:
-        return TuneResult(open_database(path), len(extracted), 0, before, 0.0, "already tuned")
-
+    store = open_store(target_dict, versions)
+    _cpu_tensor_intrinsics(target)
+    tasks = extract(prepared, source, recipe)
+    if not tasks:
+        return TuneResult(open_database(store.path), 0, 0, 0, 0.0, "no tasks")
+    if session.stopped():
+        return TuneResult(open_database(store.path), len(tasks), 0, 0, time.monotonic() - start, session.stop)
+    kernels = [_describe(t) for t in tasks]
+    store.update_model(model_id, model=source.name, kernels=kernels, lowering=LOWERING)
+    have = {k: len(v) for k, v in store.by_workload().items()}
+    previously = sum(have.get(k["workload"], 0) for k in kernels)
+    shares = [k["weight"] * k["cost"] for k in kernels]
+    need = [max(0, a - have.get(k["workload"], 0)) for a, k in zip(allocate(trials, shares), kernels)]
+    skipped = sum(1 for n, k in zip(need, kernels) if n == 0 and have.get(k["workload"]))
+    if sum(need) == 0:
+        return TuneResult(open_database(store.path), len(tasks), 0, previously, time.monotonic() - start,
+                          "already tuned", 0, skipped)
     check_serialization()
-    # Spread the budget over the kernels, so a small one still touches each of them.
-    per_task = max(1, -(-remaining // len(extracted)))
-    work = Path(tempfile.mkdtemp(prefix="tvmbundle-tune-"))
-    database = ms.database.JSONDatabase(str(path / WORKLOADS), str(path / RECORDS), allow_missing=True)
-    deadline = start + timeout if timeout > 0 else None
-    state = {"measured": 0, "stopped": "budget"}
-
-    def on_batch(n: int) -> bool:
-        state["measured"] += n
-        if on_progress:
-            on_progress(before + state["measured"], trials)
-        if deadline is not None and time.monotonic() >= deadline:
-            state["stopped"] = "time limit"
-            return False
-        return True
-
+    work = [(t, k, n) for t, k, n in zip(tasks, kernels, need) if n > 0]
+    loop = _Loop(session, store, target, work, runner, builder, model_id,
+                 lambda done: on_progress(previously + done, previously + sum(need)) if on_progress else None)
     try:
-        tasks, weights = _tune_contexts(extracted, work, per_task)
-        ms.tune.tune_tasks(
-            tasks=tasks, task_weights=weights, work_dir=str(work), max_trials_global=remaining,
-            max_trials_per_task=per_task, num_trials_per_iter=max(1, min(per_task, 16)),
-            builder=builder, runner=runner, database=database,
-            measure_callbacks=[*ms.MeasureCallback.create("default"), _stop_callback(on_batch)],
-            task_scheduler="gradient")
-    except KeyboardInterrupt:
-        _write_meta(path, model_id, target_dict, versions, trials, runner_name, recipe, source,
-                    time.monotonic() - start, interrupted=True)
-        raise
-    except Exception as e:
+        loop.run()
+    except KeyboardInterrupt:        # a second Ctrl-C: stop now, still keeping what was committed
+        session.stop = "interrupted"
+    except Exception as e:  # noqa: BLE001 -- TVM's own error types: reported with the model's name
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ModelError(f"{source}: tuning for {recipe.name} failed: {last}") from None
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-    seconds = time.monotonic() - start
-    _write_meta(path, model_id, target_dict, versions, trials, runner_name, recipe, source, seconds)
-    after, _ = _count(path)
-    return TuneResult(open_database(path), len(extracted), after - before, before, seconds, state["stopped"])
+        loop.close()
+        store.update_model(model_id, model=source.name, measured=sorted(loop.measured_workloads))
+        seconds = time.monotonic() - start
+        meta = store.meta()
+        runs = meta.get("runs", [])[-49:]
+        runs.append({"model": source.name, "model_sha256": model_id, "board": recipe.name, "trials": trials,
+                     "measured": loop.measured, "runner": runner_name, "seconds": round(seconds, 1),
+                     "stopped": session.stop or "budget",
+                     "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        store.write_meta(key=store.path.name, target=target_dict, **versions, trials=trials, runner=runner_name,
+                         seconds=round(float(meta.get("seconds", 0)) + seconds, 1), runs=runs,
+                         updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return TuneResult(open_database(store.path), len(tasks), loop.measured, previously, time.monotonic() - start,
+                      session.stop or "budget", len(loop.measured_workloads), skipped,
+                      loop.build_workers, loop.measure_workers)
+
+
+class _Session:
+    """The run's stop flag: set by the time limit or Ctrl-C (a second Ctrl-C raises)."""
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline = deadline
+        self.stop: str | None = None
+
+    def stopped(self) -> bool:
+        if self.stop is None and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.stop = "time limit"
+        return self.stop is not None
+
+    @contextlib.contextmanager
+    def signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_sigint(_sig, _frame) -> None:
+            if self.stop == "interrupted":
+                raise KeyboardInterrupt
+            self.stop = "interrupted"
+
+        old = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, old)
+
+
+class _Loop:
+    """Our own round loop over MetaSchedule's search strategies (see the module docstring)."""
+
+    POLL = 0.05
+
+    def __init__(self, session: _Session, store: Store, target, work, runner, builder, model_id: str,
+                 on_batch: Callable[[int], None]) -> None:
+        from tvm.s_tir import meta_schedule as ms
+
+        self.ms = ms
+        self.session, self.store, self.target, self.runner = session, store, target, runner
+        self.on_batch = on_batch
+        self.measured = 0
+        self.failed = 0
+        self.measured_workloads: set[str] = set()
+        if isinstance(builder, CandidateBuilder):
+            self.build_cfg = builder
+        else:   # a MetaSchedule LocalBuilder: take its settings, build with our pool
+            self.build_cfg = CandidateBuilder(getattr(builder, "max_workers", None) or 1,
+                                              getattr(builder, "timeout_sec", 120.0), getattr(builder, "f_export", None))
+        self.build_workers = max(1, self.build_cfg.workers)
+        pool = getattr(runner, "pool", None)
+        self.measure_workers = max(1, getattr(getattr(pool, "_threadpool", None), "_max_workers", 1))
+        # Measuring here while building here would time the candidates against the builds.
+        self.streaming = type(runner).__name__ != "LocalRunner"
+        self.work = work
+        self.pool = None
+        self.threads: list[threading.Thread] = []
+        self.to_measure: queue.Queue = queue.Queue()
+        self.measured_q: queue.Queue = queue.Queue()
+        self.token = 0
+
+    def run(self) -> None:
+        ms = self.ms
+        from tvm.support.popen_pool import PopenPoolExecutor
+
+        self.pool = PopenPoolExecutor(max_workers=self.build_workers, timeout=self.build_cfg.timeout,
+                                      initializer=ignore_sigint())
+        for _ in range(self.measure_workers):
+            t = threading.Thread(target=self._measure_worker, daemon=True, name="tvmbundle-measure")
+            t.start()
+            self.threads.append(t)
+        threads = max(1, min(os.cpu_count() or 1, 2))
+        cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=threads, tree_method="auto")
+        database = self.database = ms.database.MemoryDatabase()
+        existing = self.store.by_workload()
+        tasks = []
+        for task, kernel, need in self.work:
+            if self.session.stopped():
+                return
+            ctx, batch = _context(task, need, threads)
+            mod = task.dispatched[0]
+            workload = database.commit_workload(mod)
+            for rec in existing.get(kernel["workload"], []):
+                with contextlib.suppress(Exception):    # a record of another TVM build: not ours to judge
+                    database.commit_tuning_record(ms.database.TuningRecord.from_json(rec, workload))
+            ctx.pre_tuning(max_trials=need, num_trials_per_iter=batch, design_spaces=ctx.generate_design_space(),
+                           database=database, cost_model=cost_model)
+            tasks.append({"ctx": ctx, "need": need, "done": 0, "workload": workload,
+                          "wl_json": _workload_json(mod), "shash": kernel["workload"]})
+        while tasks and not self.session.stopped():
+            # The kernel furthest behind its share goes next: at any moment (a time limit) every
+            # kernel has had about the same fraction of its budget.
+            t = min(tasks, key=lambda t: (t["done"] / t["need"], -t["need"]))
+            cands = t["ctx"].generate_measure_candidates()
+            if not cands:
+                tasks.remove(t)
+                continue
+            results = self._measure_batch(cands)
+            keep = [i for i, r in enumerate(results) if r is not None]
+            if keep:
+                self._commit(t, [cands[i] for i in keep], [results[i] for i in keep])
+            if len(keep) < len(cands):         # stopped in the middle
+                return
+            cost_model.update(t["ctx"], cands, results)
+            t["ctx"].notify_runner_results(cands, results)
+            t["done"] += len(cands)
+            if t["done"] >= t["need"]:
+                tasks.remove(t)
+
+    def _commit(self, t, cands, results) -> None:
+        ms = self.ms
+        pairs = []
+        for c, r in zip(cands, results):
+            secs = [float(s) for s in r.run_secs] if r.run_secs is not None else [FAILED]
+            if r.run_secs is None:
+                self.failed += 1
+                if self.failed == 1:
+                    log.warning("%s: a candidate failed (%d failures so far are normal in a search): %s",
+                                t["ctx"].task_name, self.failed, (r.error_msg or "").strip()[-1500:])
+            record = ms.database.TuningRecord(c.sch.trace, t["workload"], secs, self.target, c.args_info)
+            self.database.commit_tuning_record(record)    # what the search draws its elites from
+            pairs.append((t["wl_json"], record.as_json()))
+        self.store.append(pairs)
+        self.measured += len(pairs)
+        self.measured_workloads.add(t["shash"])
+        self.on_batch(self.measured)
+
+    def _measure_batch(self, cands) -> list[Any]:
+        """Build and run one batch; a result per candidate, None for those cut by a stop."""
+        ms = self.ms
+        self.token += 1
+        token = self.token
+        n = len(cands)
+        results: list[Any] = [None] * n
+        artifacts: list[str | None] = [None] * n
+        futures = {i: self.pool.submit(candidates.build, self.build_cfg.f_export, c.sch.mod, self.target)
+                   for i, c in enumerate(cands)}
+        held: list[int] = []
+        device = "cpu" if self.target.kind.name in ("llvm", "c") else self.target.kind.name
+        try:
+            while True:
+                if self.session.stopped():
+                    self._kill()
+                    return results
+                for i, f in list(futures.items()):
+                    if not f.done():
+                        continue
+                    del futures[i]
+                    try:
+                        artifacts[i] = f.result()
+                    except TimeoutError:
+                        results[i] = ms.runner.RunnerResult(None, f"build timed out after {self.build_cfg.timeout:g} s")
+                        continue
+                    except Exception as e:  # noqa: BLE001 -- the candidate failed to build: a result too
+                        results[i] = ms.runner.RunnerResult(None, f"build failed: {str(e).strip()[-2000:]}")
+                        continue
+                    held.append(i)
+                if held and (self.streaming or not futures):
+                    for i in held:
+                        self.to_measure.put((token, i, ms.runner.RunnerInput(artifacts[i], device, cands[i].args_info)))
+                    held = []
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        tok, i, res = self.measured_q.get_nowait()
+                        if tok == token:
+                            results[i] = res
+                if all(r is not None for r in results):
+                    return results
+                time.sleep(self.POLL)
+        finally:
+            for a in artifacts:
+                if a:
+                    shutil.rmtree(os.path.dirname(a), ignore_errors=True)
+
+    def _measure_worker(self) -> None:
+        ms = self.ms
+        while True:
+            item = self.to_measure.get()
+            if item is None:
+                return
+            tok, i, inp = item
+            if tok != self.token or self.session.stop:
+                continue
+            try:
+                res = self.runner.run([inp])[0].result()
+            except Exception as e:  # noqa: BLE001 -- reported as the candidate's result
+                res = ms.runner.RunnerResult(None, f"measurement failed: {e}")
+            self.measured_q.put((tok, i, res))
+
+    def _kill(self) -> None:
+        """End the builds and measurements in flight (their processes; the pools stay usable)."""
+        self.token += 1
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.to_measure.get_nowait()
+        for pool in (self.pool, getattr(self.runner, "pool", None)):
+            _kill_workers(pool)
+
+    def close(self) -> None:
+        self.token += 1
+        for _ in self.threads:
+            self.to_measure.put(None)
+        # MetaSchedule's pools shut down (and join their threads) when collected, which can
+        # happen on one of those very threads ("RuntimeError: cannot join current thread"): shut
+        # them down here. The runner is used up.
+        _shutdown(self.pool)
+        self.pool = None
+        _shutdown(getattr(self.runner, "pool", None))
+
+
+def _kill_workers(pool) -> None:
+    """SIGKILL a PopenPoolExecutor's worker processes (and what they started, e.g. a linker). Only
+    the process: the pool's thread reading from it sees the pipe close and cleans up itself
+    (closing the pipe from here instead would block on that thread's read)."""
+    from tvm.support.popen_pool import kill_child_processes
+
+    for w in list(getattr(pool, "_worker_map", {}).values()):
+        proc = getattr(w, "_proc", None)
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(Exception):
+                kill_child_processes(proc.pid)
+            with contextlib.suppress(OSError):
+                proc.kill()
+
+
+def _shutdown(pool) -> None:
+    if pool is None or getattr(pool, "_shutdown", True):
+        return
+    _kill_workers(pool)
+    with contextlib.suppress(Exception):
+        pool._threadpool.shutdown(wait=False, cancel_futures=True)
+    pool._shutdown = True
+
+
+def _cpu_tensor_intrinsics(target) -> None:
+    """MetaSchedule's TuneContext imports ``tvm.s_tir.tensor_intrin``, which parses every tensor
+    intrinsic TVM has: about 20 s of CPU, 30 of them CUDA's. For a CPU target register only the
+    CPU ones (what its schedule rules can tensorize with)."""
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules or target.kind.name != "llvm":
+        return
+    import importlib
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return
+    pkg = types.ModuleType(name, "CPU tensor intrinsics only (tvmbundle)")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    pkg.__package__ = name
+    pkg.__spec__ = spec
+    sys.modules[name] = pkg
+    try:
+        for sub in ("arm_cpu", "x86", "riscv_cpu"):
+            setattr(pkg, sub, importlib.import_module(f"{name}.{sub}"))
+    except Exception:  # noqa: BLE001 -- a layout this code does not know: let TVM import it all
+        for k in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[k]
 
 
 def check_serialization() -> None:
@@ -198,93 +909,47 @@ def check_serialization() -> None:
                         hint="pip install 'apache-tvm-ffi==0.1.14.post0' (what pyproject.toml pins)")
 
 
-def _tune_contexts(extracted, work: Path, per_task: int):
-    """One TuneContext per kernel, as MetaSchedule's relax integration makes them, except for the
+def _context(task, need: int, threads: int):
+    """A TuneContext for one kernel, as MetaSchedule's relax integration makes them, except for the
     mutators: in TVM 0.27 (apache-tvm wheel) a TuneContext holding MutateParallel or
     MutateComputeLocation crashes the process (unbounded recursion in libtvm_ffi), so the search
-    mutates tile sizes and unrolling only; sampling still explores parallelism and compute location."""
+    mutates tile sizes and unrolling only; sampling still explores parallelism and compute location.
+    Returns (context, trials per batch)."""
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
-    from tvm.s_tir.meta_schedule.utils import fork_seed
 
-    threads = max(1, min(os.cpu_count() or 1, 2))
-    tasks, weights = [], []
-    import contextlib
-    import sys
-
-    with contextlib.redirect_stdout(sys.stderr):   # its handlers bind to the stdout of this moment
-        loggers = get_loggers_from_work_dir(str(work), [t.task_name for t in extracted])
     _quiet_metaschedule()
-    for task, logger, rand_state in zip(extracted, loggers, fork_seed(0, n=len(extracted))):
-        kinds = ms.Mutator.create("llvm")
-        safe = {m: p for m, p in kinds.items() if type(m).__name__ in ("MutateTileSize", "MutateUnroll")}
-        space = ms.space_generator.PostOrderApply(sch_rules="from-target", postprocs="from-target",
-                                                  mutator_probs=safe)
-        # MetaSchedule's defaults (512 candidates evolved 4 times per round) are for budgets of
-        # thousands of trials on big machines; a population a few times the round's trials finds
-        # as good candidates for small budgets at a fraction of the search time.
-        population = max(64, min(512, 8 * per_task))
-        strategy = ms.search_strategy.EvolutionarySearch(
-            population_size=population, init_min_unmeasured=min(50, population // 4),
-            genetic_num_iters=2 if population < 512 else 4)
-        tasks.append(ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator=space,
-                                    search_strategy=strategy, task_name=task.task_name, logger=logger,
-                                    rand_state=rand_state, num_threads=threads).clone())
-        weights.append(task.weight)
-    return tasks, weights
+    kinds = ms.Mutator.create("llvm")
+    safe = {m: p for m, p in kinds.items() if type(m).__name__ in ("MutateTileSize", "MutateUnroll")}
+    space = ms.space_generator.PostOrderApply(sch_rules="from-target", postprocs="from-target",
+                                              mutator_probs=safe)
+    batch = max(1, min(need, 16))
+    # MetaSchedule's defaults (512 candidates evolved 4 times per round) are for budgets of
+    # thousands of trials on big machines; a population a few times the round's trials finds
+    # as good candidates for small budgets at a fraction of the search time.
+    population = max(64, min(512, 8 * batch))
+    strategy = ms.search_strategy.EvolutionarySearch(
+        population_size=population, init_min_unmeasured=min(50, population // 4),
+        genetic_num_iters=2 if population < 512 else 4)
+    ctx = ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator=space,
+                         search_strategy=strategy, task_name=task.task_name,
+                         logger=logging.getLogger("tvm.s_tir.meta_schedule.tvmbundle"),
+                         rand_state=zlib.crc32(task.task_name.encode()) & 0x7FFFFFFF, num_threads=threads)
+    return ctx, batch
 
 
 def _quiet_metaschedule() -> None:
-    """MetaSchedule logs its task tables to stdout: send them to stderr (stdout carries our result,
-    e.g. --json), and only with -v."""
-    import sys
-
+    """MetaSchedule logs to stdout: send it to stderr (stdout carries our result, e.g. --json),
+    and only with -v."""
     verbose = logging.getLogger("tvmbundle.cmd").isEnabledFor(logging.INFO)
     names = [n for n in logging.root.manager.loggerDict if n.startswith("tvm.s_tir.meta_schedule")]
     for name in ["tvm.s_tir.meta_schedule", *names]:
-        for h in logging.getLogger(name).handlers:
+        lg = logging.getLogger(name)
+        if not verbose:
+            lg.setLevel(logging.WARNING)
+        for h in lg.handlers:
             if type(h) is logging.StreamHandler:
                 h.setStream(sys.stderr)
                 h.setLevel(logging.INFO if verbose else logging.WARNING)
-
-
-def _write_meta(path: Path, model_id: str, target: dict[str, Any], versions: dict[str, str], trials: int,
-                runner_name: str, recipe: Recipe, source: Path, seconds: float, interrupted: bool = False) -> None:
-    old = json.loads((path / META).read_text()) if (path / META).is_file() else {}
-    meta = {"key": path.name, "model_sha256": model_id, "model": source.name, "board": recipe.name,
-            "target": target, **versions, "trials": trials, "runner": runner_name,
-            "seconds": round(float(old.get("seconds", 0)) + seconds, 1), "interrupted": interrupted,
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tmp = path / f".{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path / META)
-    # Listed (and pruned) by `tvmbundle cache` like every other entry.
-    (path / ".complete.json").write_text(json.dumps({"created": time.time(), "tuning": True}))
-
-
-def _stop_callback(on_batch: Callable[[int], bool]):
-    """A measure callback that reports each measured batch and ends every task once
-    ``on_batch`` says so (the time limit)."""
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir import meta_schedule as ms
-
-    @derived_object
-    class _Stop(ms.measure_callback.PyMeasureCallback):
-        def __init__(self) -> None:
-            self.stopped = False
-
-        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
-            if self.stopped:
-                return
-            if not on_batch(len(runner_results)):
-                self.stopped = True
-                for i in range(len(task_scheduler.tasks_)):
-                    try:
-                        task_scheduler.terminate_task(i)
-                    except Exception:  # already finished
-                        pass
-
-    return _Stop()
 
 
 def parse_duration(text: str) -> float:
