@@ -430,3 +430,178 @@ def test_device_commands_answer_in_json(devices, bundles):
         usage = r.run([exe, "install", "--prefix", "/opt/tvmbundle", "--bogus"], "t", check=False)
         assert usage.code == 2 and "unknown argument '--bogus'" in usage.err
     assert serving(dev, bundles["b"])
+
+
+# --- signed releases, enforced by the device itself ----------------------------------------------------
+# The device's trust store (/etc/tvmbundle/allowed_signers, root's, written by `tvmbundle trust --sudo`)
+# decides: its `tvm-deploy install` refuses a release not signed by a key it lists before anything is
+# stored, and `activate` re-checks the release it switches to. Each refusal leaves the previous release
+# current and serving.
+
+@pytest.fixture(scope="module")
+def sigkeys(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("sigkeys")
+    for n in ("a", "b", "other"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", n, "-f", str(d / n)], check=True)
+    return {n: d / n for n in ("a", "b", "other")}
+
+
+def signed(src: Path, key: Path, dest_dir: Path) -> Path:
+    from bundler.package import signing
+
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    return signing.sign(src, key, dest_dir / src.name)
+
+
+def fingerprint(key: Path) -> str:
+    return subprocess.run(["ssh-keygen", "-l", "-f", f"{key}.pub"], capture_output=True, text=True,
+                          check=True).stdout.split()[1]
+
+
+def trust_cli(run_cli, dev, *argv: str, sudo: bool = True) -> tuple[int, str, str]:
+    return run_cli("trust", "--host", f"pi@{dev.host}:{dev.port}", "--identity", str(dev.key), "--known-hosts",
+                   str(dev.known_hosts), *(["--sudo"] if sudo else []), *argv)
+
+
+def trusted_on(dev) -> list[str]:
+    """The public keys the device's trust file lists (its own bytes, read as root)."""
+    text = dev.sh("cat /etc/tvmbundle/allowed_signers").stdout
+    return [" ".join(line.split()[2:4]) for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def pub(key: Path) -> str:
+    return " ".join(Path(f"{key}.pub").read_text().split()[:2])
+
+
+def test_signed_release_from_a_trusted_key_installs_and_reports_its_signer(devices, bundles, sigkeys, tmp_path,
+                                                                            run_cli):
+    (dev,) = devices.add(1)
+    t = pi(dev)
+    a_signed = signed(bundles["a"], sigkeys["a"], tmp_path / "sa")
+    # no trust file: unsigned releases are allowed, as before, and the answer says whether it was signed
+    plain = deploy(bundles["a"], t)
+    assert not plain.signed and plain.signed_by is None
+    unchecked = deploy(a_signed, t)
+    assert unchecked.signed and unchecked.signed_by is None
+    # writing the trust file needs root: pi without --sudo is refused, and nothing is written
+    code, _, err = trust_cli(run_cli, dev, f"{sigkeys['a']}.pub", sudo=False)
+    assert code != 0 and "root's" in err and "--sudo" in err, err
+    assert not dev.exists("/etc/tvmbundle/allowed_signers")
+    code, out, err = trust_cli(run_cli, dev, f"{sigkeys['a']}.pub")
+    assert code == 0 and f"trusted {fingerprint(sigkeys['a'])}" in out, err
+    assert dev.sh("stat -c '%u %a' /etc/tvmbundle/allowed_signers").stdout.split() == ["0", "644"]
+    assert trusted_on(dev) == [pub(sigkeys["a"])]
+    assert not dev.sh("ls -A /home/pi").stdout.count(".tvmbundle-allowed_signers")     # the temp file is gone
+    b_signed = signed(bundles["b"], sigkeys["a"], tmp_path / "sb")
+    done = deploy(b_signed, t)
+    assert done.signed and done.signed_by == fingerprint(sigkeys["a"])
+    assert serving(dev, bundles["b"])
+    b_id = manifest(bundles["b"])["bundle_id"]
+    assert dev.path(f"/opt/tvmbundle/releases/{b_id}/manifest.json.sig").read_bytes() == \
+        bundle_mod.extract(b_signed, tmp_path / "peek").joinpath("manifest.json.sig").read_bytes()
+    # the CLI prints the signer; --list shows the trusted keys
+    conn = ["--host", f"pi@{dev.host}:{dev.port}", "--identity", str(dev.key), "--known-hosts", str(dev.known_hosts),
+            "--sudo"]
+    code, out, err = run_cli("deploy", str(a_signed), *conn, "-q")
+    assert code == 0 and f"signed by {fingerprint(sigkeys['a'])}" in out, err
+    code, out, err = trust_cli(run_cli, dev, "--list", sudo=False)
+    assert code == 0 and fingerprint(sigkeys["a"]) in out, err
+    # the host's optional pre-check refuses a bundle of another key before it connects
+    code, _, err = run_cli("deploy", str(b_signed), *conn, "-q", "--trust", f"{sigkeys['other']}.pub")
+    assert code == 2 and "not a valid signature" in err, err
+    assert serving(dev, bundles["a"])
+
+
+def rehash(top: Path, rel: str) -> None:
+    """Re-record one file's checksum and size in manifest.json (what someone who changed it would do)."""
+    m = json.loads((top / "manifest.json").read_text())
+    entry = bundle_mod.file_entry(top, rel).to_json()
+    m["files"] = [entry if f["path"] == rel else f for f in m["files"]]
+    (top / "manifest.json").write_text(json.dumps(m, indent=2))
+
+
+def test_device_refuses_releases_not_signed_by_a_trusted_key(devices, bundles, sigkeys, tmp_path, run_cli):
+    from tests.bundletools import perturb_expected
+
+    (dev,) = devices.add(1)
+    t = pi(dev)
+    assert trust_cli(run_cli, dev, f"{sigkeys['a']}.pub")[0] == 0
+    a_signed = signed(bundles["a"], sigkeys["a"], tmp_path / "sa")
+    deploy(a_signed, t)
+    a_id, b_id = manifest(bundles["a"])["bundle_id"], manifest(bundles["b"])["bundle_id"]
+    b_only = {f["sha256"] for f in manifest(bundles["b"])["files"]} - {f["sha256"] for f in manifest(bundles["a"])["files"]}
+    b_signed = signed(bundles["b"], sigkeys["a"], tmp_path / "sb")
+
+    def tampered_manifest(top: Path) -> None:
+        m = json.loads((top / "manifest.json").read_text())
+        m["service"]["threads"] = 1
+        (top / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+
+    def tampered_file(top: Path) -> None:
+        perturb_expected(top)
+        rehash(top, "selftest/expected_0.npy")
+
+    cases = {
+        "unsigned": (bundles["b"], "unsigned: the release has no manifest.json.sig"),
+        "other key": (signed(bundles["b"], sigkeys["other"], tmp_path / "so"),
+                      f"not signed by a trusted key: the release is signed by {fingerprint(sigkeys['other'])}"),
+        "tampered manifest": (repack(b_signed, tmp_path / "tm", tampered_manifest, fix_manifest=False),
+                              "the manifest changed after signing"),
+        "tampered file, re-hashed manifest": (repack(b_signed, tmp_path / "tf", tampered_file, fix_manifest=False),
+                                              "the manifest changed after signing"),
+    }
+    for case, (path, problem) in cases.items():
+        with pytest.raises(DeployError) as e:
+            deploy(path, t)
+        assert e.value.step == "signature", (case, e.value)
+        assert problem in e.value.problem and "nothing was installed" in e.value.problem, (case, e.value.problem)
+        # nothing was stored: no release, none of its files in the store, staging empty
+        assert not dev.exists(f"/opt/tvmbundle/releases/{b_id}") and not dev.exists(f"/opt/tvmbundle/releases/{b_id}.partial")
+        assert not any(dev.exists(f"/opt/tvmbundle/store/sha256/{h}") for h in b_only), case
+        assert not dev.sh("ls -A /opt/tvmbundle/staging").stdout.split(), case
+        assert current_id(dev) == a_id and serving(dev, bundles["a"]), case
+    # the signed original still goes through
+    assert deploy(b_signed, t).signed_by == fingerprint(sigkeys["a"]) and serving(dev, bundles["b"])
+
+
+def test_rotation_and_revocation_refuse_the_revoked_keys_releases_even_on_rollback(devices, bundles, sigkeys,
+                                                                                   tmp_path, run_cli):
+    (dev,) = devices.add(1)
+    t = pi(dev)
+    code, out, err = trust_cli(run_cli, dev, f"{sigkeys['a']}.pub", f"{sigkeys['b']}.pub")
+    assert code == 0 and out.count("trusted SHA256:") == 2, err
+    a_by_a = signed(bundles["a"], sigkeys["a"], tmp_path / "aa")
+    b_by_b = signed(bundles["b"], sigkeys["b"], tmp_path / "bb")
+    assert deploy(a_by_a, t).signed_by == fingerprint(sigkeys["a"])
+    assert deploy(b_by_b, t).signed_by == fingerprint(sigkeys["b"])      # rotation: either key will do
+    a_id, b_id = manifest(bundles["a"])["bundle_id"], manifest(bundles["b"])["bundle_id"]
+    code, out, err = trust_cli(run_cli, dev, "--revoke", f"{sigkeys['a']}.pub")
+    assert code == 0 and f"revoked {fingerprint(sigkeys['a'])}" in out, err
+    assert trusted_on(dev) == [pub(sigkeys["b"])]
+    # a's release is still kept on the device, but A no longer signs for it: deploying it is refused ...
+    with pytest.raises(DeployError) as e:
+        deploy(a_by_a, t)
+    assert e.value.step == "signature" and "not signed by a trusted key" in e.value.problem
+    assert fingerprint(sigkeys["a"]) in e.value.problem and "nothing was installed" in e.value.problem
+    assert current_id(dev) == b_id and serving(dev, bundles["b"])
+    # ... and so is rolling back to it, by the device's activate, before the switch
+    with pytest.raises(DeployError) as e:
+        rollback(t, to=a_id[:12])
+    assert e.value.step == "signature" and "nothing was switched" in e.value.problem
+    assert current_id(dev) == b_id and serving(dev, bundles["b"])
+    # a pusher that calls the device commands itself cannot point them at another trust file: a missing
+    # one, or one the login user could write, is refused too
+    dev.sh(f"printf 'tvmbundle namespaces=\"tvmbundle-manifest\" %s\\n' '{pub(sigkeys['a'])}' > /home/pi/mine; "
+           "chown pi: /home/pi/mine", check=True)
+    exe = f"/opt/tvmbundle/releases/{b_id}/bin/tvm-deploy"
+    with Remote(t) as r:
+        for trust_file, why in (("/home/pi/mine", "cannot be trusted"), ("/nonexistent", "No such file")):
+            res = r.run([exe, "activate", "--prefix", "/opt/tvmbundle", "--release", a_id, "--sudo",
+                         "--trust-file", trust_file], "t", check=False)
+            doc = json.loads(res.out)
+            assert res.code == 1 and doc["step"] == "signature" and why in doc["error"], doc
+    assert current_id(dev) == b_id and serving(dev, bundles["b"])
+    # revoking the last key would let unsigned releases in again: refused
+    code, _, err = trust_cli(run_cli, dev, "--revoke", f"{sigkeys['b']}.pub")
+    assert code == 2 and "trusting no key" in err, err
+    assert trusted_on(dev) == [pub(sigkeys["b"])]

@@ -20,8 +20,9 @@ from bundler.commands import (
                               show,
                               sign,
                               status,
+                              trust,
                               tune,
                               verify,
 )
 
-COMMANDS = (boards, show, doctor, make, tune, bench, verify, sign, deploy, status, rollback, rollout, cache, export)
+COMMANDS = (boards, show, doctor, make, tune, bench, verify, sign, trust, deploy, status, rollback, rollout, cache, export)

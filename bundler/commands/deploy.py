@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     s.add_argument("--keep", type=int, default=3, help="releases to keep on the device (default 3)")
     s.add_argument("--health-timeout", type=float, default=30.0, metavar="S")
     s.add_argument("--step-timeout", type=float, default=60.0, metavar="S", help="deadline of each remote step")
+    s.add_argument("--trust", action="append", metavar="KEY.pub", default=[],
+                   help="before connecting, require a signature by this OpenSSH public key (repeatable: any of "
+                        "them); the device checks its own trust store (tvmbundle trust) either way")
     s.add_argument("--json", action="store_true")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=run)
@@ -46,15 +49,18 @@ def run(args: argparse.Namespace) -> int:
         shapes = dict(parse_input_shape(s) for s in args.input_shape or [])
         path = api.make(args.bundle, Path(args.model), input_shapes=shapes, progress=progress).bundle
     result = release.deploy(path, target, keep=args.keep, health_timeout=args.health_timeout,
-                            step_timeout=args.step_timeout, progress=progress)
+                            step_timeout=args.step_timeout, progress=progress, trust=[Path(k) for k in args.trust])
     for w in result.warnings:
         progress.note(f"warning: {w}")
     if args.json:
         print(json.dumps({"host": result.host, "bundle_id": result.bundle_id, "previous_id": result.previous_id,
                           "uploaded_bytes": result.uploaded_bytes, "skipped_bytes": result.skipped_bytes,
                           "steps": [{"step": n, "seconds": round(t, 3)} for n, t in result.steps],
-                          "warnings": result.warnings, "round_trips": result.round_trips}, indent=2))
+                          "warnings": result.warnings, "round_trips": result.round_trips,
+                          "signed": result.signed, "signed_by": result.signed_by}, indent=2))
     else:
+        signer = (f"signed by {result.signed_by}" if result.signed_by
+                  else "signed, but the device trusts no key: not checked" if result.signed else "unsigned")
         print(f"{result.host}: {result.bundle_id[:12]} is current and healthy"
-              + (f" (was {result.previous_id[:12]})" if result.previous_id else ""))
+              + (f" (was {result.previous_id[:12]})" if result.previous_id else "") + f"; {signer}")
     return EXIT_OK

@@ -26,6 +26,12 @@ release's unit, daemon-reload, restart, health gate, prune). Until the switch
 nothing the running release uses is touched; after it, a restart or health
 failure switches back and restarts the previous release before the error is raised.
 
+Signed releases: a bundle's ``manifest.json.sig`` (``tvmbundle sign``) is uploaded beside the staged
+manifest and handed to install (``--signature``). The device decides: when its trust store
+``/etc/tvmbundle/allowed_signers`` (``tvmbundle trust``) lists a key, install refuses, before anything
+is stored, a release not signed by one of them, and activate re-checks the release it switches to
+(step ``signature``). ``deploy(trust=[KEY.pub])`` also checks on the host, before connecting.
+
 With ``sudo`` (``--sudo``) exactly the steps that need root -- creating the prefix
 (then owned by the login user), installing the unit, systemctl -- run through
 ``sudo -n``; everything else runs as the login user.
@@ -39,7 +45,7 @@ import re
 import shlex
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +55,7 @@ from bundler.config import cpu, values
 from bundler.device.ssh import Remote, Target
 from bundler.errors import DeployError, UserError
 from bundler.package import bundle as bundle_mod
+from bundler.package import signing
 from bundler.package.manifest import MANIFEST, FileEntry, Manifest
 from bundler.package.service import UNIT, render_unit
 from bundler.progress import Progress
@@ -70,6 +77,8 @@ class DeployResult:
     skipped_bytes: int = 0
     warnings: list[str] = field(default_factory=list)
     round_trips: dict[str, int] = field(default_factory=dict)   # SSH commands ("sh") and transfers ("put")
+    signed: bool = False              # the release came with a valid manifest.json.sig
+    signed_by: str | None = None      # SHA256:... of the key of the device's trust store that signed it
 
 
 @dataclass
@@ -127,12 +136,13 @@ def _prefix_of(target: Target, manifest: Manifest) -> str:
 
 def check_manifest(manifest: Manifest, host: str) -> None:
     """What deploy reserves on top of what every manifest is checked for when it loads (paths inside
-    the release, ids, names): the release's ``.deploy/`` folder, where its unit lives."""
+    the release, ids, names): the release's ``.deploy/`` folder, where its unit lives, and its
+    ``manifest.json.sig``, which only a checked signature may become."""
     for i, f in enumerate(manifest.files):
-        if f.path.split("/")[0] == ".deploy":
+        if f.path.split("/")[0] == ".deploy" or f.path == signing.SIGNATURE:
             raise DeployError(host, "preflight", f"the bundle's manifest.json lists files[{i}].path {f.path!r}: "
-                                                 "not allowed: .deploy/ is reserved for the deploy itself; "
-                                                 "nothing was sent")
+                                                 f"not allowed: {f.path.split('/')[0]} is reserved for the deploy "
+                                                 "itself; nothing was sent")
 
 
 # --- the agent: the bundle's own harness, run on the device ---------------------------------
@@ -220,6 +230,7 @@ def _facts_from_survey(doc: dict[str, Any]) -> dict[str, Any]:
         "free": p.get("free_bytes"), "systemctl": bool(doc.get("systemd", {}).get("systemctl")),
         "sudo_ok": sudo.get("ok", False), "sudo_problem": sudo.get("problem", ""),
         "prepared": doc.get("prepared", False), "current": doc.get("current"), "have": set(doc.get("have", [])),
+        "trust": doc.get("trust"),      # None: a harness from before on-device signature checks
     }
 
 
@@ -284,13 +295,18 @@ def _preflight(target: Target, manifest: Manifest, prefix: str, facts: dict[str,
 # --- deploy -------------------------------------------------------------------------------
 
 def deploy(bundle_path: Path | str, target: Target, *, keep: int = 3, health_timeout: float = 30.0,
-           step_timeout: float = 60.0, progress: Progress | None = None, hook: Hook | None = None) -> DeployResult:
-    """Install ``bundle_path`` on ``target``; on any failure the previous release stays (or is again) current."""
+           step_timeout: float = 60.0, progress: Progress | None = None, hook: Hook | None = None,
+           trust: Sequence[Path] = ()) -> DeployResult:
+    """Install ``bundle_path`` on ``target``; on any failure the previous release stays (or is again) current.
+    ``trust``: public key files; the bundle must be signed by one of them (checked here, before connecting;
+    the device checks again against its own trust store, whatever ``trust`` is)."""
     progress = progress or Progress(quiet=True)
     bundle_path = Path(bundle_path)
     with tempfile.TemporaryDirectory(prefix="tvmbundle-deploy-") as tmp:
         top = bundle_mod.extract(bundle_path, Path(tmp))
         manifest = bundle_mod.load_manifest(top, str(bundle_path))
+        if trust:
+            signing.check_release(top, [Path(k) for k in trust], str(bundle_path))
         return _deploy(top, manifest, target, keep, health_timeout, step_timeout, progress, hook)
 
 
@@ -355,14 +371,26 @@ def _deploy_on(r: Remote, top: Path, manifest: Manifest, target: Target, prefix:
         staged_unit = f"{prefix}/staging/{bid}.{unit}"
         r.write_text((top / MANIFEST).read_text(), staged_manifest, "upload")   # its own bytes: a signature holds
         r.write_text(render_unit(manifest, prefix), staged_unit, "upload")
+        sig_args: list[str] = []
+        if (top / signing.SIGNATURE).is_file():
+            if facts.get("trust") is None:
+                result.signed = True
+                result.warnings.append("the bundle is signed, but its harness predates on-device signature checks: "
+                                       "the device did not check the signature")
+            else:
+                staged_sig = f"{staged_manifest}.sig"
+                r.put(top / signing.SIGNATURE, staged_sig, "upload")
+                sig_args = ["--signature", staged_sig]
         s.done(detail=f"{result.uploaded_bytes} bytes sent, {result.skipped_bytes} already there")
     with step("install"):
         try:
-            agent.call("install", ["--prefix", prefix, "--manifest", staged_manifest, "--unit", staged_unit,
-                                   "--selftest"], "install", timeout=max(step_timeout, 300), tail=' --from "$A"')
+            done = agent.call("install", ["--prefix", prefix, "--manifest", staged_manifest, "--unit", staged_unit,
+                                          *sig_args, "--selftest"], "install", timeout=max(step_timeout, 300),
+                              tail=' --from "$A"')
         except DeployError:
             _clean_staging(r, prefix)
             raise
+        result.signed, result.signed_by = bool(done.get("signed", result.signed)), done.get("signed_by")
     if result.previous_id == bid:
         result.warnings.append("this release was already current; restarting it")
     with step("activate"):
@@ -440,7 +468,8 @@ def _clean_staging(r: Remote, prefix: str) -> None:
     if transport is not None and transport.is_active():
         try:
             staging = q(prefix + "/staging")
-            r.sh(f"rm -f {staging}/*.part {staging}/*.manifest.json {staging}/*.service", "upload", check=False)
+            r.sh(f"rm -f {staging}/*.part {staging}/*.manifest.json {staging}/*.manifest.json.sig {staging}/*.service",
+                 "upload", check=False)
         except DeployError:
             pass
 
@@ -526,7 +555,8 @@ def rollback(target: Target, *, to: str | None = None, prefix: str | None = None
                 "--health-timeout", f"{health_timeout:g}"]
         with step("activate"):
             try:
-                _release_agent(r, prefix, chosen).call("activate", args, "switch", timeout=health_timeout + 60)
+                done = _release_agent(r, prefix, chosen).call("activate", args, "switch", timeout=health_timeout + 60)
+                result.signed, result.signed_by = bool(done.get("signed")), done.get("signed_by")
             except DeployError as failure:
                 if failure.step in ("restart", "health"):
                     fallback = _release_agent(r, prefix, current or chosen)

@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <ftw.h>
 #include <gnu/libc-version.h>
+#include <limits.h>
 #include <poll.h>
 #include <pwd.h>
 #include <signal.h>
@@ -331,6 +332,70 @@ int Run(const std::vector<std::string>& argv, std::string* out) {
   return 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
 }
 
+// Like Run(), with `input` written to the program's stdin (a manifest for ssh-keygen -Y verify).
+// Writing and reading are interleaved with poll(), so neither side blocks on a full pipe; a program
+// that exits without reading all of its input is not an error here (its exit code says what happened).
+int RunWithInput(const std::vector<std::string>& argv, const std::string& input, std::string* out) {
+  int in[2], outp[2];
+  if (pipe(in) != 0) throw std::runtime_error("pipe: " + Err());
+  if (pipe(outp) != 0) {
+    close(in[0]), close(in[1]);
+    throw std::runtime_error("pipe: " + Err());
+  }
+  pid_t pid = fork();
+  if (pid < 0) throw std::runtime_error("fork: " + Err());
+  if (pid == 0) {
+    dup2(in[0], 0);
+    dup2(outp[1], 1);
+    dup2(outp[1], 2);
+    close(in[0]), close(in[1]), close(outp[0]), close(outp[1]);
+    std::vector<char*> cargv;
+    for (const auto& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));
+    cargv.push_back(nullptr);
+    execvp(cargv[0], cargv.data());
+    std::fprintf(stderr, "%s: cannot run (%s)\n", cargv[0], std::strerror(errno));
+    _exit(127);
+  }
+  close(in[0]);
+  close(outp[1]);
+  // A reader that went away must not kill us with SIGPIPE: ignore it while we write.
+  struct sigaction ignore {}, saved {};
+  ignore.sa_handler = SIG_IGN;
+  sigemptyset(&ignore.sa_mask);
+  sigaction(SIGPIPE, &ignore, &saved);
+  fcntl(in[1], F_SETFL, fcntl(in[1], F_GETFL) | O_NONBLOCK);
+  size_t written = 0;
+  int wfd = in[1];
+  if (input.empty()) close(wfd), wfd = -1;
+  out->clear();
+  bool reading = true;
+  while (reading) {
+    struct pollfd p[2] = {{outp[0], POLLIN, 0}, {wfd, POLLOUT, 0}};
+    if (poll(p, wfd >= 0 ? 2 : 1, -1) < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    if (wfd >= 0 && (p[1].revents & (POLLOUT | POLLERR | POLLHUP))) {
+      ssize_t n = write(wfd, input.data() + written, input.size() - written);
+      if (n > 0) written += size_t(n);
+      if ((n < 0 && errno != EAGAIN && errno != EINTR) || written == input.size()) close(wfd), wfd = -1;
+    }
+    if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+      char buf[4096];
+      ssize_t n = read(outp[0], buf, sizeof(buf));
+      if (n > 0) out->append(buf, size_t(n));
+      else if (n == 0 || errno != EINTR) reading = false;
+    }
+  }
+  if (wfd >= 0) close(wfd);
+  close(outp[0]);
+  sigaction(SIGPIPE, &saved, nullptr);
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  return 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+}
+
 std::string LastLines(const std::string& text, int n = 3) {
   std::vector<std::string> lines;
   std::stringstream ss(text);
@@ -386,9 +451,10 @@ struct Manifest {
 
 std::string StrOf(const json::Value* v) { return v && v->IsString() ? v->str : ""; }
 
-Manifest LoadManifest(const std::string& file) {
+// The manifest `text` read from `file` (named in errors), checked before anything is written.
+Manifest ParseManifest(const std::string& file, std::string text) {
   Manifest m;
-  m.text = ReadText(file);
+  m.text = std::move(text);
   json::Value doc;
   std::string err;
   if (!json::Parse(m.text, &doc, &err) || !doc.IsObject()) throw StepError("install", file + ": not a JSON object (" + err + ")");
@@ -408,7 +474,7 @@ Manifest LoadManifest(const std::string& file) {
     std::string raw = StrOf(f.Find("path")), why;
     e.path = SafeRelativePath(raw, &why);
     if (e.path.empty()) throw StepError("install", where + ".path '" + raw + "' is not allowed: " + why + "; nothing was installed");
-    if (e.path == "manifest.json" || e.path.rfind(".deploy/", 0) == 0 || e.path == ".deploy")
+    if (e.path == "manifest.json" || e.path == "manifest.json.sig" || e.path.rfind(".deploy/", 0) == 0 || e.path == ".deploy")
       throw StepError("install", where + ".path '" + raw + "' is not allowed: the name is reserved for the deploy itself");
     if (!seen.insert(e.path).second) throw StepError("install", where + ".path '" + raw + "' is listed twice");
     e.sha256 = StrOf(f.Find("sha256"));
@@ -425,6 +491,152 @@ Manifest LoadManifest(const std::string& file) {
     }
   }
   return m;
+}
+
+// ---- signed releases: the device's own trust store ---------------------------------------------
+//
+// /etc/tvmbundle/allowed_signers (ssh-keygen(1) ALLOWED SIGNERS; `tvmbundle trust` writes it) lists the
+// OpenSSH public keys whose signature of a release's manifest.json this device accepts. It is root's
+// and 0644 on purpose: a release pusher logs in as the owner of the install prefix, and must not be
+// able to replace the list of who may sign what it pushes. When the file lists at least one key,
+// install refuses a release without a valid signature by one of them (before anything is stored) and
+// activate re-checks the release it switches to against the file as it is now (a rollback to a release
+// signed by a since-revoked key is refused). Without the file, unsigned releases are allowed.
+
+constexpr const char* kTrustFile = "/etc/tvmbundle/allowed_signers";
+constexpr const char* kSigNamespace = "tvmbundle-manifest";   // ssh-keygen -n of `tvmbundle sign`
+constexpr const char* kSigPrincipal = "tvmbundle";            // the identity allowed_signers lines name
+constexpr size_t kMaxSignature = 64 * 1024;
+
+struct Trust {
+  std::string file;
+  bool exists = false;
+  int keys = 0;
+  bool Enforced() const { return keys > 0; }
+};
+
+// Why `path` (and each folder above it) could be changed by someone other than root, or "".
+std::string NotRootsAlone(const std::string& path) {
+  char real[PATH_MAX];
+  if (!realpath(path.c_str(), real)) return path + ": " + Err();
+  for (std::string p = real;; p = Parent(p)) {
+    struct stat st;
+    if (stat(p.c_str(), &st) != 0) return p + ": " + Err();
+    if (st.st_uid != 0 || (st.st_mode & 022)) {
+      char mode[8];
+      std::snprintf(mode, sizeof(mode), "%04o", unsigned(st.st_mode & 07777));
+      return p + " is owned by uid " + std::to_string(st.st_uid) + " with mode " + mode +
+             " (it must be root's and writable by root alone: chown root:root, chmod go-w)";
+    }
+    if (p == "/") return "";
+  }
+}
+
+// The trust file in force. `explicit_file`: given with --trust-file, which then must exist and list a
+// key (a pusher chooses the argv: naming a missing or empty file must not switch the checks off).
+Trust LoadTrust(const std::string& file, bool explicit_file, const std::string& nothing) {
+  Trust t;
+  t.file = file;
+  struct stat st;
+  if (stat(file.c_str(), &st) != 0) {
+    if (errno == ENOENT && !explicit_file) return t;
+    throw StepError("signature", "--trust-file " + file + ": " + Err() + "; " + nothing);
+  }
+  t.exists = true;
+  if (!S_ISREG(st.st_mode)) throw StepError("signature", "the trust file " + file + " is not a regular file; " + nothing);
+  std::string text;
+  try {
+    text = ReadText(file);
+  } catch (const std::exception& e) {
+    throw StepError("signature", std::string("the trust file cannot be read: ") + e.what() + "; " + nothing);
+  }
+  std::stringstream ss(text);
+  std::string line;
+  while (std::getline(ss, line)) {
+    size_t at = line.find_first_not_of(" \t\r");
+    if (at != std::string::npos && line[at] != '#') ++t.keys;
+  }
+  if (explicit_file && t.keys == 0)
+    throw StepError("signature", "--trust-file " + file + " lists no key; " + nothing);
+  if (t.Enforced()) {
+    std::string why = NotRootsAlone(file);
+    if (!why.empty()) throw StepError("signature", "the trust file " + file + " cannot be trusted: " + why + "; " + nothing);
+  }
+  return t;
+}
+
+struct SigCheck {
+  bool present = false;   // a signature came with the release
+  bool valid = false;     // it is a valid signature of exactly these manifest bytes (by some key)
+  bool trusted = false;   // ... by a key of the trust file
+  std::string fingerprint;
+  std::string detail;     // ssh-keygen's last words when it said no
+};
+
+std::string FingerprintIn(const std::string& out) {
+  std::stringstream ss(out);
+  std::string word;
+  while (ss >> word)
+    if (word.rfind("SHA256:", 0) == 0) return word;
+  return "";
+}
+
+// Checks `sig_file` against the manifest's bytes (`text`, on ssh-keygen's stdin: the very bytes that
+// are parsed and stored). With an enforced trust file: -Y verify against it; when that fails, or with
+// none, -Y check-novalidate tells a signature by another key from one of other bytes.
+SigCheck CheckSignature(const Trust& trust, const std::string& text, const std::string& sig_file, const std::string& nothing) {
+  SigCheck c;
+  c.present = !sig_file.empty() && IsFile(sig_file);
+  if (!c.present) return c;
+  std::string keygen = Which("ssh-keygen");
+  if (keygen.empty()) {
+    if (trust.Enforced())
+      throw StepError("signature", "ssh-keygen is not installed on the device (Debian: openssh-client), and " + trust.file +
+                                       " requires signed releases; " + nothing);
+    c.detail = "ssh-keygen is not installed: the signature was not checked";
+    return c;
+  }
+  std::string out;
+  if (trust.Enforced()) {
+    int rc = RunWithInput({keygen, "-Y", "verify", "-f", trust.file, "-I", kSigPrincipal, "-n", kSigNamespace, "-s", sig_file},
+                          text, &out);
+    if (rc == 0) {
+      c.valid = c.trusted = true;
+      c.fingerprint = FingerprintIn(out);
+      return c;
+    }
+    c.detail = LastLines(out, 1);
+  }
+  int rc = RunWithInput({keygen, "-Y", "check-novalidate", "-n", kSigNamespace, "-s", sig_file}, text, &out);
+  c.valid = rc == 0;
+  if (c.valid) c.fingerprint = FingerprintIn(out);
+  else if (c.detail.empty()) c.detail = LastLines(out, 1);
+  return c;
+}
+
+// The StepError for a release the trust file does not let through.
+void RequireTrusted(const Trust& trust, const SigCheck& c, const std::string& what, const std::string& nothing) {
+  if (!trust.Enforced() || c.trusted) return;
+  std::string keys = std::to_string(trust.keys) + " key(s) of " + trust.file;
+  if (!c.present)
+    throw StepError("signature", "unsigned: " + what + " has no manifest.json.sig, and this device accepts only releases signed by " +
+                                     keys + " (sign it: tvmbundle sign BUNDLE --key KEY); " + nothing);
+  if (!c.valid)
+    throw StepError("signature", "the manifest changed after signing: " + what + "'s manifest.json.sig is not a valid signature of its "
+                                     "manifest.json (" + (c.detail.empty() ? "no detail" : c.detail) + "); " + nothing);
+  throw StepError("signature", "not signed by a trusted key: " + what + " is signed by " + (c.fingerprint.empty() ? "an unknown key" : c.fingerprint) +
+                                   ", which is not one of the " + keys + " (revoked, or never trusted here); " + nothing);
+}
+
+void TrustJson(json::Writer& w, const Trust& trust, const SigCheck& c) {
+  w.Key("signed").Bool(c.present && c.valid).Key("signed_by");
+  c.trusted ? w.String(c.fingerprint) : w.Null();
+  w.Key("signature").BeginObject().Key("present").Bool(c.present).Key("valid").Bool(c.valid).Key("trusted").Bool(c.trusted);
+  if (!c.fingerprint.empty()) w.Key("fingerprint").String(c.fingerprint);
+  if (!c.detail.empty()) w.Key("detail").String(c.detail);
+  w.EndObject();
+  w.Key("trust").BeginObject().Key("file").String(trust.file).Key("exists").Bool(trust.exists).Key("keys").Int(trust.keys)
+      .Key("enforced").Bool(trust.Enforced()).EndObject();
 }
 
 // ---- health --------------------------------------------------------------------------------------
@@ -501,6 +713,16 @@ int Survey(const std::vector<std::string>& args, json::Writer& w) {
   for (const std::string& s : want)
     if (IsHex64(s) && IsFile(px.Store() + "/" + s)) w.String(s);
   w.EndArray();
+  // Whether this device requires signed releases (install refuses others); a trust file that cannot
+  // be used is reported here and refused by install.
+  w.Key("trust").BeginObject().Key("file").String(kTrustFile);
+  try {
+    Trust t = LoadTrust(kTrustFile, false, "install refuses every release until it is fixed");
+    w.Key("exists").Bool(t.exists).Key("keys").Int(t.keys).Key("enforced").Bool(t.Enforced());
+  } catch (const StepError& e) {
+    w.Key("exists").Bool(true).Key("enforced").Bool(true).Key("problem").String(e.what());
+  }
+  w.Key("ssh_keygen").String(Which("ssh-keygen")).EndObject();
   w.EndObject();
   return 0;
 }
@@ -600,14 +822,32 @@ void GcJson(json::Writer& w, const GcResult& g) {
 }
 
 int Install(const std::vector<std::string>& args, json::Writer& w) {
-  std::string prefix, manifest_file, unit_file, from, release_dir;
+  std::string prefix, manifest_file, unit_file, from, release_dir, sig_file, trust_file;
   bool selftest = false;
   ArgParser("install", args).Option("--prefix", &prefix).Option("--manifest", &manifest_file).Option("--release", &release_dir)
-      .Option("--unit", &unit_file).Option("--from", &from).Flag("--selftest", &selftest).Require("--prefix").Parse();
+      .Option("--unit", &unit_file).Option("--from", &from).Option("--signature", &sig_file).Option("--trust-file", &trust_file)
+      .Flag("--selftest", &selftest).Require("--prefix").Parse();
   Prefix px = CheckedPrefix(prefix);
   if (manifest_file.empty() == release_dir.empty()) throw ArgError("install: give --manifest FILE or --release DIR");
   if (!release_dir.empty()) manifest_file = release_dir + "/manifest.json";
-  Manifest m = LoadManifest(manifest_file);    // refuses unsafe paths before anything is written
+  const std::string nothing = "nothing was installed";
+  // 0. the signature, checked against the trust file before the manifest is even parsed: the bytes
+  //    checked are the bytes parsed and stored (read once)
+  Trust trust = LoadTrust(trust_file.empty() ? kTrustFile : trust_file, !trust_file.empty(), nothing);
+  if (sig_file.empty()) {
+    if (IsFile(manifest_file + ".sig")) sig_file = manifest_file + ".sig";   // a staged copy, or DIR/manifest.json.sig
+  } else if (!IsFile(sig_file)) {
+    throw StepError("signature", "--signature " + sig_file + ": no such file; " + nothing);
+  }
+  std::string sig_text;
+  if (!sig_file.empty()) {
+    sig_text = ReadText(sig_file);
+    if (sig_text.size() > kMaxSignature) throw StepError("signature", sig_file + " is too large to be a signature; " + nothing);
+  }
+  std::string text = ReadText(manifest_file);
+  SigCheck sig = CheckSignature(trust, text, sig_file, nothing);
+  RequireTrusted(trust, sig, "the release", nothing);
+  Manifest m = ParseManifest(manifest_file, std::move(text));    // refuses unsafe paths before anything is written
   int from_staging = 0, from_agent = 0;
   // 1. every file into the store, checked against its SHA-256 on the way in
   for (const Entry& e : m.files) {
@@ -665,9 +905,15 @@ int Install(const std::vector<std::string>& args, json::Writer& w) {
         throw StepError("assemble", dest + ": cannot link from the store (" + Err() + ")");
     }
     WriteAtomic(partial + "/manifest.json", m.text, 0644);
+    if (sig.valid) WriteAtomic(partial + "/manifest.json.sig", sig_text, 0644);
     RemoveTree(final_dir);
     if (rename(partial.c_str(), final_dir.c_str()) != 0) throw StepError("assemble", final_dir + ": " + Err());
     assembled = true;
+  } else if (sig.valid) {
+    // Kept from an earlier install (perhaps unsigned then): its manifest and signature become the
+    // ones just checked, so that activate re-checks exactly these.
+    if (ReadText(final_dir + "/manifest.json") != m.text) WriteAtomic(final_dir + "/manifest.json", m.text, 0644);
+    WriteAtomic(final_dir + "/manifest.json.sig", sig_text, 0644);
   }
   if (!unit_file.empty()) {
     std::string unit = unit_file.substr(unit_file.find_last_of('/') + 1);
@@ -685,9 +931,11 @@ int Install(const std::vector<std::string>& args, json::Writer& w) {
   }
   if (manifest_file.rfind(px.Staging() + "/", 0) == 0) unlink(manifest_file.c_str());
   if (unit_file.rfind(px.Staging() + "/", 0) == 0) unlink(unit_file.c_str());
+  if (sig_file.rfind(px.Staging() + "/", 0) == 0) unlink(sig_file.c_str());
   Begin(w, "install");
   w.Key("release").String(m.bundle_id).Key("assembled").Bool(assembled).Key("stored_from_staging").Int(from_staging)
       .Key("stored_from_agent").Int(from_agent);
+  TrustJson(w, trust, sig);
   if (selftest) {
     std::string out;
     int rc = Run({final_dir + "/bin/tvm-deploy", "selftest"}, &out);
@@ -716,12 +964,12 @@ void Switch(const Prefix& px, const std::string& id) {
 }
 
 int Activate(const std::vector<std::string>& args, json::Writer& w) {
-  std::string prefix, id, unit_dir = "/etc/systemd/system", unit = kDefaultUnit, health = "30", keep_s;
+  std::string prefix, id, unit_dir = "/etc/systemd/system", unit = kDefaultUnit, health = "30", keep_s, trust_file;
   bool sudo = false;
   std::vector<std::string> protect;
   ArgParser("activate", args).Option("--prefix", &prefix).Option("--release", &id).Option("--unit-dir", &unit_dir)
       .Option("--unit", &unit).Flag("--sudo", &sudo).Option("--health-timeout", &health).Option("--keep", &keep_s)
-      .Repeated("--protect", &protect).Require("--prefix").Require("--release").Parse();
+      .Option("--trust-file", &trust_file).Repeated("--protect", &protect).Require("--prefix").Require("--release").Parse();
   Prefix px = CheckedPrefix(prefix);
   if (!ValidUnitName(unit)) throw ArgError("--unit: '" + unit + "' is not a unit name (NAME.service)");
   double health_s = std::strtod(health.c_str(), nullptr);
@@ -729,6 +977,18 @@ int Activate(const std::vector<std::string>& args, json::Writer& w) {
   if (id == "none") id.clear();
   else if (!ValidId(id) || !IsFile(px.Release(id) + "/manifest.json"))
     throw StepError("switch", "release '" + id + "' is not installed under " + px.Releases());
+  // The release switched to is checked against the trust file as it is now, not as it was when the
+  // release was installed: a key removed since then no longer lets its releases back (a rollback).
+  Trust trust;
+  SigCheck sig;
+  if (!id.empty()) {
+    const std::string nothing = "nothing was switched";
+    trust = LoadTrust(trust_file.empty() ? kTrustFile : trust_file, !trust_file.empty(), nothing);
+    std::string dir = px.Release(id);
+    sig = CheckSignature(trust, ReadText(dir + "/manifest.json"), IsFile(dir + "/manifest.json.sig") ? dir + "/manifest.json.sig" : "",
+                         nothing);
+    RequireTrusted(trust, sig, "release " + id.substr(0, 12), nothing);
+  }
   Privileged priv{sudo};
   std::string previous = CurrentId(px);
   bool systemd = !Which("systemctl").empty();
@@ -739,6 +999,7 @@ int Activate(const std::vector<std::string>& args, json::Writer& w) {
   w.Key("current");
   id.empty() ? w.Null() : w.String(id);
   w.Key("systemd").Bool(systemd);
+  if (!id.empty()) TrustJson(w, trust, sig);
   if (id.empty()) {
     if (systemd) {
       std::string out;

@@ -3,15 +3,23 @@
 //
 //   survey   --prefix P [--unit-dir U] [--sudo] [--want SHA]...    every fact preflight needs
 //   prepare  --prefix P [--sudo]                                   create the layout (through sudo: chown)
-//   install  --prefix P --manifest M [--unit FILE] [--from DIR] [--selftest]
+//   install  --prefix P --manifest M|--release DIR [--unit FILE] [--from DIR] [--selftest]
+//            [--signature SIG] [--trust-file F]
 //   activate --prefix P --release ID|none [--unit-dir U] [--unit NAME] [--sudo]
-//            [--health-timeout S] [--keep N] [--protect ID]...
+//            [--health-timeout S] [--keep N] [--protect ID]... [--trust-file F]
 //   gc       --prefix P --keep N [--protect ID]...
 //   status   --prefix P [--unit NAME]
 //
 // Layout under P: store/sha256/<hex> (files by content), releases/<id>/ (store files hard-linked
 // into the bundle's layout, plus manifest.json and .deploy/<unit>), current -> releases/<id>,
 // staging/ (uploads: <sha>.part, <id>.manifest.json, <id>.service).
+// Signed releases: when the trust file (default /etc/tvmbundle/allowed_signers, root's, 0644; an
+// OpenSSH allowed_signers file) lists a key, install requires manifest.json.sig (--signature SIG, else
+// M.sig beside the manifest, DIR/manifest.json.sig for --release) to be a valid `ssh-keygen -Y sign -n
+// tvmbundle-manifest` signature of the manifest by one of its keys, checked before anything is stored
+// and kept as releases/<id>/manifest.json.sig; activate re-checks the release against the file as it
+// is then. A refusal is step "signature". Without the file unsigned releases are allowed; install and
+// activate report "signed" and "signed_by" either way.
 // Exit codes: 0 ok, 1 the step failed or was refused (the JSON says why: "ok": false, "step",
 // "error"), 2 usage.
 #ifndef TVMBUNDLE_DEVICE_H_
