@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from bundler import cache
 from bundler.build import cmakebuild, elf, runtime, toolchain, tvmsource
 from bundler.config import recipe
 from bundler.errors import CommandFailed, RecipeError, UserError
+from bundler.package import archive
 from tests import models
 
 BOARDS = {"rpi3-armhf": ("arm", "qemu-arm", "/usr/arm-linux-gnueabihf"),
@@ -59,9 +59,8 @@ def ffi_sdist(tmp_path_factory) -> Path:
         dl = tmp_path_factory.mktemp("dl")
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "apache-tvm-ffi",
                         "--disable-pip-version-check", "-d", str(dl), f"apache-tvm-ffi=={version}"], check=True)
-        (archive,) = dl.glob("apache_tvm_ffi-*.tar.gz")
-        with tarfile.open(archive) as tf:
-            tf.extractall(dl, filter="data")
+        (sdist,) = dl.glob("apache_tvm_ffi-*.tar.gz")
+        archive.extract(sdist, dl)         # tarfile's data filter is missing from Debian's Python 3.11.2
         (top,) = [p for p in dl.iterdir() if p.is_dir()]
         shutil.rmtree(dest, ignore_errors=True)
         shutil.move(str(top), dest)

@@ -39,7 +39,6 @@ With ``sudo`` (``--sudo``) exactly the steps that need root -- creating the pref
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shlex
@@ -57,6 +56,7 @@ from bundler.errors import DeployError, UserError
 from bundler.package import bundle as bundle_mod
 from bundler.package import signing
 from bundler.package.manifest import MANIFEST, FileEntry, Manifest
+from bundler.package.manifest import agent_id as agent_id_of
 from bundler.package.service import UNIT, render_unit
 from bundler.progress import Progress
 
@@ -146,15 +146,6 @@ def check_manifest(manifest: Manifest, host: str) -> None:
 
 
 # --- the agent: the bundle's own harness, run on the device ---------------------------------
-
-def _agent_files(manifest: Manifest) -> list[FileEntry]:
-    return sorted((f for f in manifest.files if f.path == "bin/tvm-deploy" or f.path.startswith("lib/")),
-                  key=lambda f: f.path)
-
-
-def _agent_id(files: list[FileEntry]) -> str:
-    return hashlib.sha256("".join(f"{f.sha256} {f.path}\n" for f in files).encode()).hexdigest()[:16]
-
 
 class _Agent:
     """Calls `tvm-deploy SUBCOMMAND` on the device and reads its JSON answer."""
@@ -319,10 +310,10 @@ def _deploy(top: Path, manifest: Manifest, target: Target, keep: int, health_tim
     result = DeployResult(target.name, bid, None)
     step = _Steps(result, progress, hook, target.name)
     files = list(manifest.files)
-    agent_files = _agent_files(manifest)
+    agent_files = manifest.agent_files()
     if not any(f.path == "bin/tvm-deploy" for f in agent_files):
         raise DeployError(target.name, "preflight", "the bundle has no bin/tvm-deploy; nothing was sent")
-    agent_id = _agent_id(agent_files)
+    agent_id = agent_id_of(agent_files)
     sudo = ["--sudo"] if target.sudo else []
     r = Remote(target, step_timeout=step_timeout)
     with step("connect"):

@@ -13,6 +13,7 @@ build process happened to fill its dictionaries. docs/bundle-format.md documents
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from bundler.errors import UserError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+LICENSE = "Apache-2.0"        # of what every bundle holds: the TVM runtime, tvm-ffi and the tvm-deploy harness
 
 
 def _mode(v: str) -> str | None:
@@ -181,11 +183,22 @@ class Manifest:
     def short_id(self) -> str:
         return self.bundle_id[:12]
 
+    def agent_files(self) -> list[FileEntry]:
+        """The files that run on the device for deploy and the fleet exports: the harness and its
+        libraries (the "agent", the way Ansible ships its modules)."""
+        return sorted((f for f in self.files if f.path == "bin/tvm-deploy" or f.path.startswith("lib/")),
+                      key=lambda f: f.path)
+
     def file(self, path: str) -> FileEntry:
         for f in self.files:
             if f.path == path:
                 return f
         raise KeyError(path)
+
+
+def agent_id(files: list[FileEntry]) -> str:
+    """The agent's identity, what its folder on the device is named after: its files' contents."""
+    return hashlib.sha256("".join(f"{f.sha256} {f.path}\n" for f in files).encode()).hexdigest()[:16]
 
 
 def canonical_json(data: Any) -> str:
