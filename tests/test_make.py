@@ -185,19 +185,25 @@ def test_bundle_names_keep_the_whole_stem(file, name):
 
 
 @pytest.mark.slow
-def test_two_cold_makes_give_identical_tarballs_without_host_paths(run_cli, model_dir, tmp_path, monkeypatch):
-    """Separate caches, folders and epochs-from-env: byte-identical output, no build path inside."""
+def test_two_cold_makes_give_identical_tarballs_without_host_paths(model_dir, tmp_path):
+    """Two processes with their own caches, folders and hash seeds (so every set and dict the
+    build fills may come out in another order), files laid down in opposite orders: byte-identical
+    output, and no build path inside."""
     need("aarch64-linux-gnu-g++")
     outs = []
-    for n in (1, 2):
+    for n, seed in ((1, "1"), (2, "4242")):
         work = tmp_path / f"work{n}"
         work.mkdir()
+        extra = ["b.txt", "a.txt"] if n == 1 else ["a.txt", "b.txt"]
+        for name in extra:                                   # a different listing order of the folder
+            (work / name).write_text(name)
         shutil.copy(model_dir / "convnet.onnx", work / "convnet.onnx")
-        monkeypatch.setenv("TVMBUNDLE_CACHE", str(work / "cache"))
-        monkeypatch.chdir(work)
-        code, res, err = make(run_cli, "rpi4", Path("convnet.onnx"), Path("dist"), "--no-verify")
-        assert code == 0, err
-        outs.append(work / res["bundle"])
+        env = {**os.environ, "TVMBUNDLE_CACHE": str(work / "cache"), "PYTHONHASHSEED": seed}
+        res = subprocess.run([sys.executable, "-m", "bundler", "make", "rpi4", "--model", "convnet.onnx", "--out",
+                              "dist", "--no-verify", "--json", "-q"], cwd=work, env=env, capture_output=True,
+                             text=True, timeout=1800)
+        assert res.returncode == 0, res.stderr
+        outs.append(work / json.loads(res.stdout)["bundle"])
     assert outs[0].name == outs[1].name
     assert outs[0].read_bytes() == outs[1].read_bytes()
     with tarfile.open(outs[0]) as t:

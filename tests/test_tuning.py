@@ -387,8 +387,9 @@ def test_rpc_server_key_and_file_functions(tmp_path):
         sess.upload(bytearray(b"hello"), "a.bin")
         assert bytes(sess.download("a.bin")) == b"hello"
         sess.remove("a.bin")
-        with pytest.raises(Exception):
-            sess.download("../etc/passwd")
+        for outside in ("../etc/passwd", "/etc/passwd"):
+            with pytest.raises(Exception, match=f"refusing path '{outside}' outside the session folder"):
+                sess.download(outside)
         t = __import__("tvm").runtime.empty((64,), "float32", sess.cpu())
         sess.get_function("tvm.contrib.random.random_fill_for_measure")(t)
         a = t.numpy()
