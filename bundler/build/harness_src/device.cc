@@ -1153,7 +1153,7 @@ int ParseInt(const std::string& flag, const std::string& value, int lo, int hi) 
   char* end = nullptr;
   long v = std::strtol(value.c_str(), &end, 10);
   if (value.empty() || *end != '\0' || v < lo || v > hi)
-    throw ArgError(flag + ": expected an integer >= " + std::to_string(lo) + ", got '" + value + "'");
+    throw ArgError(flag + ": expected an integer from " + std::to_string(lo) + " to " + std::to_string(hi) + ", got '" + value + "'");
   return int(v);
 }
 

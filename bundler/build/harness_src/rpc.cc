@@ -15,6 +15,8 @@
 // default) and reach it through an SSH tunnel, as tvmbundle does.
 #include "rpc.h"
 
+#include "device.h"
+
 #include <arpa/inet.h>
 #include <ftw.h>
 #include <netdb.h>
@@ -76,16 +78,6 @@ struct Options {
 [[noreturn]] void Fail(const std::string& what) { throw std::runtime_error(what); }
 
 void Log(const std::string& line) { std::cerr << "tvm-deploy rpc: " << line << std::endl; }
-
-int ParseInt(const std::string& flag, const std::string& v, int lo, int hi) {
-  char* end = nullptr;
-  long n = std::strtol(v.c_str(), &end, 10);
-  if (v.empty() || *end != '\0' || n < lo || n > hi) {
-    throw std::invalid_argument(flag + ": expected an integer from " + std::to_string(lo) + " to " +
-                                std::to_string(hi) + ", got '" + v + "'");
-  }
-  return int(n);
-}
 
 std::pair<std::string, int> SplitHostPort(const std::string& flag, const std::string& v) {
   size_t colon = v.rfind(':');
@@ -369,23 +361,15 @@ void Reap(pid_t child, double timeout) {
 
 Options ParseOptions(const std::vector<std::string>& args) {
   Options o;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const std::string& a = args[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= args.size()) throw std::invalid_argument(a + " needs a value");
-      return args[++i];
-    };
-    if (a == "--host") o.host = value();
-    else if (a == "--port") o.port = ParseInt(a, value(), 0, 65535);
-    else if (a == "--port-end") o.port_end = ParseInt(a, value(), 1, 65536);
-    else if (a == "--key") o.key = value();
-    else if (a == "--tracker") o.tracker = value();
-    else if (a == "--custom-addr") o.custom_addr = value();
-    else if (a == "--work-dir") o.work_dir = value();
-    else if (a == "--sessions") o.sessions = ParseInt(a, value(), 0, 1 << 30);
-    else if (a == "--session-timeout") o.session_timeout = ParseInt(a, value(), 0, 1 << 30);
-    else throw std::invalid_argument("rpc: unknown argument '" + a + "'");
-  }
+  std::string port, port_end, sessions, session_timeout;
+  ArgParser("rpc", args).Option("--host", &o.host).Option("--port", &port).Option("--port-end", &port_end)
+      .Option("--key", &o.key).Option("--tracker", &o.tracker).Option("--custom-addr", &o.custom_addr)
+      .Option("--work-dir", &o.work_dir).Option("--sessions", &sessions).Option("--session-timeout", &session_timeout)
+      .Parse();
+  if (!port.empty()) o.port = ParseInt("--port", port, 0, 65535);
+  if (!port_end.empty()) o.port_end = ParseInt("--port-end", port_end, 1, 65536);
+  if (!sessions.empty()) o.sessions = ParseInt("--sessions", sessions, 0, 1 << 30);
+  if (!session_timeout.empty()) o.session_timeout = ParseInt("--session-timeout", session_timeout, 0, 1 << 30);
   if (o.key.empty() || o.key.find(' ') != std::string::npos) throw std::invalid_argument("--key: expected a word without spaces");
   if (!o.tracker.empty()) SplitHostPort("--tracker", o.tracker);
   return o;

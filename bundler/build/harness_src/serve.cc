@@ -48,6 +48,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "device.h"
 #include "json.h"
 #include "npy.h"
 #include "v2.h"
@@ -1163,16 +1164,6 @@ std::string DefaultListen(const Bundle& b) {
   return b.listen.empty() ? "127.0.0.1:8470" : b.listen;
 }
 
-bool ParseSeconds(const std::string& flag, const std::string& v, int* out, std::string* err) {
-  char* end = nullptr;
-  long n = std::strtol(v.c_str(), &end, 10);
-  if (v.empty() || *end != '\0' || n < 1 || n > 3600) {
-    *err = flag + ": expected whole seconds from 1 to 3600, got '" + v + "'";
-    return false;
-  }
-  *out = int(n);
-  return true;
-}
 
 // ---- probe -----------------------------------------------------------------------------------
 
@@ -1268,16 +1259,12 @@ std::string ErrorOf(const std::string& body) {
 }  // namespace
 
 int Probe(const Bundle& b, const std::vector<std::string>& args) {
-  std::string listen = DefaultListen(b);
-  int timeout = 5;
-  for (size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--timeout" && i + 1 < args.size()) timeout = std::max(1, std::atoi(args[++i].c_str()));
-    else if (args[i].rfind("--", 0) != 0) listen = args[i];
-    else {
-      std::cerr << "tvm-deploy: probe: unknown argument '" << args[i] << "'\n";
-      return 2;
-    }
-  }
+  std::string listen = DefaultListen(b), timeout_s = "5";
+  std::vector<std::string> where;
+  ArgParser("probe", args).Option("--timeout", &timeout_s).Positionals(&where).Parse();
+  if (where.size() > 1) throw ArgError("probe: give one HOST:PORT at most");
+  if (!where.empty()) listen = where[0];
+  int timeout = ParseInt("--timeout", timeout_s, 1, 3600);
   auto deadline = Clock::now() + std::chrono::seconds(timeout);
   size_t colon = listen.rfind(':');
   std::string host = colon == std::string::npos ? listen : listen.substr(0, colon);
@@ -1375,30 +1362,13 @@ int Probe(const Bundle& b, const std::vector<std::string>& args) {
 int Serve(const Bundle& b, const std::vector<std::string>& args) {
   Options o;
   o.listen = DefaultListen(b);
-  std::string err;
-  for (size_t i = 0; i < args.size(); ++i) {
-    bool has_value = i + 1 < args.size();
-    if (args[i] == "--listen" && has_value) {
-      o.listen = args[++i];
-    } else if (args[i] == "--max-connections" && has_value) {
-      o.max_connections = std::max(1, std::atoi(args[++i].c_str()));
-    } else if (args[i] == "--max-queue" && has_value) {
-      o.max_queue = std::max(1, std::atoi(args[++i].c_str()));
-    } else if (args[i] == "--idle-timeout" && has_value) {
-      if (!ParseSeconds(args[i], args[i + 1], &o.idle_timeout, &err)) break;
-      ++i;
-    } else if (args[i] == "--request-timeout" && has_value) {
-      if (!ParseSeconds(args[i], args[i + 1], &o.request_timeout, &err)) break;
-      ++i;
-    } else {
-      err = "unknown argument '" + args[i] + "'";
-      break;
-    }
-  }
-  if (!err.empty()) {
-    std::cerr << "tvm-deploy: serve: " << err << "\n";
-    return 2;
-  }
+  std::string err, connections, queue, idle, request;
+  ArgParser("serve", args).Option("--listen", &o.listen).Option("--max-connections", &connections)
+      .Option("--max-queue", &queue).Option("--idle-timeout", &idle).Option("--request-timeout", &request).Parse();
+  if (!connections.empty()) o.max_connections = ParseInt("--max-connections", connections, 1, 65536);
+  if (!queue.empty()) o.max_queue = ParseInt("--max-queue", queue, 1, 65536);
+  if (!idle.empty()) o.idle_timeout = ParseInt("--idle-timeout", idle, 1, 3600);
+  if (!request.empty()) o.request_timeout = ParseInt("--request-timeout", request, 1, 3600);
   signal(SIGPIPE, SIG_IGN);
   // Room for every connection and the ones closing: raise the soft descriptor limit if it is low.
   rlimit rl{};
