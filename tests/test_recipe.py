@@ -32,7 +32,7 @@ def test_corpus_is_not_empty():
     assert len(CORPUS) >= 20
 
 
-@pytest.mark.parametrize("board", ["rpi4", "x86_64", "aarch64"])
+@pytest.mark.parametrize("board", ["rpi4", "rpi5", "x86_64", "aarch64"])
 def test_shipped_boards_resolve(board):
     r = recipe.load(board)
     assert r.name == board

@@ -387,8 +387,8 @@ def test_fallback_alone_schedules_any_kernel():
 
 # --- every board's CPU: the kernels compile and link ---------------------------------------
 
-BOARDS = {"rpi4": "aarch64-linux-gnu-g++", "rpi3-armhf": "arm-linux-gnueabihf-g++", "visionfive2": "riscv64-linux-gnu-g++"}
-ELF_MACHINE = {"rpi4": "AArch64", "rpi3-armhf": "ARM", "visionfive2": "RISC-V"}
+BOARDS = {"rpi4": "aarch64-linux-gnu-g++", "rpi5": "aarch64-linux-gnu-g++", "rpi3-armhf": "arm-linux-gnueabihf-g++", "visionfive2": "riscv64-linux-gnu-g++"}
+ELF_MACHINE = {"rpi4": "AArch64", "rpi5": "AArch64", "rpi3-armhf": "ARM", "visionfive2": "RISC-V"}
 
 
 @pytest.mark.parametrize("board", list(BOARDS))
