@@ -46,3 +46,7 @@ def run_cli(capsys):
         return code, out, err
 
     return run
+
+
+# Devices with a real systemd (tests/devices.py): booted once per session from a cached root.
+from tests.devices import device_root, devices  # noqa: E402,F401

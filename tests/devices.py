@@ -241,7 +241,7 @@ class Device:
         lines.append(f"{name} {kind} {b64}")
         self.known_hosts.write_text("\n".join(lines) + "\n")
 
-    def start(self, timeout: float = 60.0) -> Device:
+    def start(self, timeout: float = 180.0) -> Device:   # several booting at once on 2 loaded cores
         self.cleanup_cgroups()
         argv = ["systemd-nspawn", "-q", "-D", str(self.root), "-b", "--register=no", "--keep-unit",
                 "--console=pipe", "-M", self.name, f"--hostname={self.name}", "--volatile=overlay",

@@ -29,7 +29,6 @@ from tests import models
 from tests.bundletools import perturb_expected, repack
 from tests.devices import ROOT_DIR, Device, next_index
 
-pytest_plugins = ("tests.devices",)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="test devices need root (systemd-nspawn, sshd logins)")]

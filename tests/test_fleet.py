@@ -23,7 +23,6 @@ from tests import models
 from tests.devices import Devices, next_index
 from tests.test_release import manifest
 
-pytest_plugins = ("tests.devices",)       # the fixtures device_root and devices
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="test devices need root (systemd-nspawn, sshd logins)")
 

@@ -32,7 +32,6 @@ from tests import models
 from tests.bundletools import perturb_expected, repack
 from tests.sshd import Fleet
 
-pytest_plugins = ("tests.devices",)       # the fixtures device_root and devices
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="test devices need root (systemd-nspawn, sshd logins)")
 
