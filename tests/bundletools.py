@@ -72,3 +72,16 @@ def unpacked(factory, board: str, make_model, name: str = "net") -> Path:
     """:func:`built`, unpacked: the release's top folder."""
     path = built(factory, board, make_model, name)
     return bundle.extract(path, path.parent.parent / "x")
+
+
+def model_update(factory, board: str = "x86_64") -> tuple[Path, Path]:
+    """Two bundles of the same graph with other weights: the second is a model-only update of the first."""
+    from bundler import api
+    from tests import models
+
+    d = factory.mktemp("bundles")
+    models.conv_net(d / "net.onnx", seed=0)
+    a = api.make(board, d / "net.onnx", out_dir=d / "a", run_verify=False).bundle
+    models.conv_net(d / "net.onnx", seed=1)
+    b = api.make(board, d / "net.onnx", out_dir=d / "b", run_verify=False).bundle
+    return a, b

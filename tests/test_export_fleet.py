@@ -22,13 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from bundler import api
 from bundler.device import release
 from bundler.package import export as export_mod
-from tests import models
+from tests import bundletools
 from tests.bundletools import perturb_expected, repack
 from tests.devices import ROOT_DIR, Device, next_index
-
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="test devices need root (systemd-nspawn, sshd logins)")]
@@ -91,11 +89,8 @@ def booted(root: Path, base: Path, n: int):
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("bundles")
-    models.conv_net(d / "net.onnx", seed=0)
-    a = api.make("x86_64", d / "net.onnx", out_dir=d / "a", run_verify=False).bundle
-    models.conv_net(d / "net.onnx", seed=1)          # same graph, new weights: a model-only update
-    b = api.make("x86_64", d / "net.onnx", out_dir=d / "b", run_verify=False).bundle
+    a, b = bundletools.model_update(tmp_path_factory)
+    d = a.parent.parent
     (d / "bad").mkdir()
     bad = repack(b, d / "bad", perturb_expected)      # its selftest fails on the device
     return {"a": a, "b": b, "bad": bad}

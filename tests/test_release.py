@@ -28,21 +28,16 @@ from bundler.device.ssh import Remote, Target
 from bundler.errors import DeployError, UserError
 from bundler.package import bundle as bundle_mod
 from bundler.package.manifest import Manifest
-from tests import models
+from tests import bundletools, models
 from tests.bundletools import perturb_expected, repack
 from tests.sshd import Fleet
-
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="test devices need root (systemd-nspawn, sshd logins)")
 
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("bundles")
-    models.conv_net(d / "net.onnx", seed=0)
-    a = api.make("x86_64", d / "net.onnx", out_dir=d / "a", run_verify=False).bundle
-    models.conv_net(d / "net.onnx", seed=1)          # same graph, new weights: a model-only update
-    b = api.make("x86_64", d / "net.onnx", out_dir=d / "b", run_verify=False).bundle
+    a, b = bundletools.model_update(tmp_path_factory)
     return {"a": a, "b": b}
 
 
