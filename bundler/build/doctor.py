@@ -46,6 +46,9 @@ def examine(r: Recipe) -> list[Finding]:
                            "" if p else "apt-get install qemu-user"))
     else:
         out.append(Finding("emulator", True, "not needed: the board runs natively here"))
+    p = proc.tool_path("systemd-analyze")
+    out.append(Finding("systemd-analyze", p is not None, str(p) if p else "not found (verify checks the unit with it)",
+                       "" if p else "apt-get install systemd"))
     if r.runtime.source == "git":
         p = proc.tool_path("git")
         out.append(Finding("git (runtime.source = 'git')", p is not None, str(p) if p else "not found",
