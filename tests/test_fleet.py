@@ -105,6 +105,7 @@ def test_inventory_errors_name_file_key_and_value(tmp_path):
     assert (a.sudo, a.user, b.sudo, b.user) == (True, "pi", False, "root")
 
 
+@pytest.mark.slow
 def test_board_mismatch_is_refused_before_anything_starts(fleet, bundles, tmp_path):
     inv = inventory(fleet, tmp_path / "inv.toml", board="rpi4")
     with pytest.raises(UserError, match="refusing to start, these hosts run another board: dev00 \\(rpi4\\)"):
@@ -112,6 +113,7 @@ def test_board_mismatch_is_refused_before_anything_starts(fleet, bundles, tmp_pa
     assert all(current_id(d) is None for d in fleet.devices)
 
 
+@pytest.mark.slow
 def test_dry_run_shows_waves(fleet, bundles, tmp_path, run_cli):
     inv = inventory(fleet, tmp_path / "inv.toml")
     code, out, err = run_cli("rollout", str(bundles["a"]), "--inventory", str(inv), "--dry-run", "--batch", "25%")
@@ -182,6 +184,7 @@ def test_rollout_threshold_rollback_resume_and_idempotence(fleet, bundles, tmp_p
     assert rep.completed and all(h.result == "skipped" and h.uploaded_bytes == 0 for h in rep.hosts)
 
 
+@pytest.mark.slow
 def test_group_selects_hosts(fleet, bundles, tmp_path):
     inv = inventory(fleet, tmp_path / "inv.toml")
     rep = go(fleet, bundles["a"], inv, group="lab", dry_run=True)

@@ -90,9 +90,9 @@ def test_recipe_path_env_adds_boards(tmp_path, monkeypatch, run_cli):
 
 
 def test_unknown_board_suggests(run_cli):
-    code, out, err = run_cli("show", "rpi5")
+    code, out, err = run_cli("show", "rpi6")
     assert code == 2
-    assert "no recipe named 'rpi5' (did you mean 'rpi4'?)" in err
+    assert "no recipe named 'rpi6' (did you mean 'rpi5'?)" in err
 
 
 def test_error_carries_file_and_key():

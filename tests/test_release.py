@@ -32,7 +32,8 @@ from tests import bundletools, models
 from tests.bundletools import perturb_expected, repack
 from tests.sshd import Fleet
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="test devices need root (systemd-nspawn, sshd logins)")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="test devices need root (systemd-nspawn, sshd logins)"),
+              pytest.mark.slow]     # every test boots devices and deploys to them
 
 
 @pytest.fixture(scope="module")

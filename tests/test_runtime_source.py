@@ -88,6 +88,7 @@ int main() {
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("board", sorted(BOARDS))
 def test_ffi_sdist_cross_builds_and_loads_under_qemu(board, ffi_sdist, tmp_path):
     family, qemu, ld_prefix = BOARDS[board]
@@ -119,6 +120,7 @@ def test_ffi_sdist_cross_builds_and_loads_under_qemu(board, ffi_sdist, tmp_path)
     assert run.returncode == 0 and "sum 42" in run.stdout, run.stdout + run.stderr
 
 
+@pytest.mark.slow
 def test_a_failing_compile_reports_the_command_and_its_first_error(tmp_path):
     need("arm-linux-gnueabihf-g++")
     src = tmp_path / "proj"
@@ -198,6 +200,7 @@ def own_cache(tmp_path, monkeypatch) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_runtime_cache_key_follows_tree_toolchain_and_options(tmp_path, own_cache):
     need("arm-linux-gnueabihf-g++")
     version, _ = tvmsource.compiler_release()
@@ -227,6 +230,7 @@ def test_runtime_cache_key_follows_tree_toolchain_and_options(tmp_path, own_cach
     assert sum(1 for e in cache.entries() if e.kind == "runtime") == 5
 
 
+@pytest.mark.slow
 def test_a_tree_of_another_version_is_refused_unless_allowed(tmp_path, own_cache, run_cli):
     need("arm-linux-gnueabihf-g++")
     tree = make_standin_tree(tmp_path / "tvm", "0.19.0")
@@ -269,6 +273,7 @@ def test_a_tree_without_submodules_says_how_to_get_them(tmp_path, own_cache):
     assert "submodule update --init --recursive" in str(e.value)
 
 
+@pytest.mark.slow
 def test_git_source_clones_the_ref_and_locks_to_its_tag(tmp_path, own_cache):
     """runtime.source = 'git' against a local repository (the network is not for tests)."""
     need("git", "arm-linux-gnueabihf-g++")

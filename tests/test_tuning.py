@@ -115,6 +115,7 @@ def _kernels(model: Path, board: str = "x86_64") -> list[str]:
     return [tuning._describe(t)["workload"] for t in tuning.extract(p, model, recipe.load(board))]
 
 
+@pytest.mark.slow
 @needs_tuning
 def test_native_tune_make_and_resume(tmp_path, run_cli):
     m = fresh(tiny(tmp_path / "tiny.onnx"), "x86_64")
@@ -165,6 +166,7 @@ def test_resume_counts_earlier_records(tmp_path):
     assert lines[:2] == first_lines and len(lines) == 4    # appended, nothing measured twice over
 
 
+@pytest.mark.slow
 @needs_tuning
 def test_the_time_limit_holds_and_keeps_what_was_measured(tmp_path):
     """A budget no run could finish in 2 s: the limit ends it after the batch in flight, the run
@@ -352,6 +354,7 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path):
     assert took < 30, f"took {took:.0f} s to stop"
 
 
+@pytest.mark.slow
 @needs_tuning
 def test_aarch64_over_rpc_under_qemu(tmp_path):
     """The whole RPC flow for a foreign board: the board's own harness serves under qemu-aarch64,
@@ -374,6 +377,7 @@ def test_foreign_board_needs_a_device(tmp_path):
         rpc.measure_setup(recipe.load("aarch64"), None)
 
 
+@pytest.mark.slow
 def test_rpc_server_key_and_file_functions(tmp_path):
     """`tvm-deploy rpc` answers TVM's client: wrong keys are refused, the session's files live in
     its own folder and the measurement input fill exists."""
@@ -423,6 +427,7 @@ device = pytest.mark.skipif(not (shutil.which("sshd") and shutil.which("unshare"
                             reason="test devices need root, openssh-server and unshare (see tests/test_release.py)")
 
 
+@pytest.mark.slow
 @needs_tuning
 @device
 def test_tune_on_a_device_over_ssh_leaves_nothing_behind(tmp_path):
@@ -446,6 +451,7 @@ def test_tune_on_a_device_over_ssh_leaves_nothing_behind(tmp_path):
         assert ps.stdout.strip() == "", "the RPC server was left running"
 
 
+@pytest.mark.slow
 @needs_tuning
 def test_tune_through_a_tvm_tracker(tmp_path):
     """Boards behind TVM's own tracker: `tvm-deploy rpc --tracker` registers with it under a key, and
