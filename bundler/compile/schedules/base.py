@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 from tvm.tirx.analysis import undefined_vars
@@ -228,3 +229,17 @@ def tile_writeback(sch, consumer, at, lanes) -> None:
         if e > 1:
             sch.unroll(lp)
             budget //= e
+
+
+def one_reduction(func):
+    """(schedule, the kernel's normalized blocks, the index of its one reduction block) when the
+    kernel has exactly one reduction (plus any number of injective blocks), else None: what the
+    contraction and window rules all start from."""
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if not infos:
+        return None
+    reds = [i for i, b in enumerate(infos) if not b.is_injective()]
+    if len(reds) != 1:
+        return None
+    return sch, infos, reds[0]

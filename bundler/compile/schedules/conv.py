@@ -20,9 +20,8 @@ bounds checks into the innermost loop.
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+from tvm import tirx
 from tvm.ir.expr import TensorLoad  # what a TIR buffer load is in TVM 0.27
-from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.tirx import IndexMap
 
 from .base import (
@@ -32,6 +31,7 @@ from .base import (
     divisor_tile,
     is_var,
     layout_free_params,
+    one_reduction,
     pack_weights,
     parallelize,
     param_index,
@@ -106,14 +106,10 @@ class Conv2D(CPURule):
     channel per group)."""
 
     def schedule(self, func, target, cpu: CPU):
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if not infos:
+        found = one_reduction(func)
+        if found is None:
             return None
-        reds = [i for i, b in enumerate(infos) if not b.is_injective()]
-        if len(reds) != 1:
-            return None
-        k = reds[0]
+        sch, infos, k = found
         info = infos[k]
         block = info.block_rv
         stmt = sch.get(block)

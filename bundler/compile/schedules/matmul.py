@@ -10,8 +10,7 @@ each tile streams one contiguous panel; see :func:`conv.pack_weights`.
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm import tirx
 from tvm.tirx import IndexMap
 
 from .base import (
@@ -20,6 +19,7 @@ from .base import (
     divisor_tile,
     is_var,
     layout_free_params,
+    one_reduction,
     pack_weights,
     parallelize,
     param_index,
@@ -51,14 +51,10 @@ class Matmul(CPURule):
     before it (i, absent for a GEMV) in A only."""
 
     def schedule(self, func, target, cpu: CPU):
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if not infos:
+        found = one_reduction(func)
+        if found is None:
             return None
-        reds = [i for i, b in enumerate(infos) if not b.is_injective()]
-        if len(reds) != 1:
-            return None
-        k_index = reds[0]
+        sch, infos, k_index = found
         info = infos[k_index]
         block = info.block_rv
         stmt = sch.get(block)

@@ -20,6 +20,7 @@ from .base import (
     CPURule,
     as_int,
     divisor_tile,
+    one_reduction,
     parallelize,
     product,
     region_mins,
@@ -39,14 +40,10 @@ class WindowReduction(CPURule):
     indexes the innermost dimension of every input."""
 
     def schedule(self, func, target, cpu: CPU):
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if not infos:
+        found = one_reduction(func)
+        if found is None:
             return None
-        reds = [i for i, b in enumerate(infos) if not b.is_injective()]
-        if len(reds) != 1:
-            return None
-        k = reds[0]
+        sch, infos, k = found
         info = infos[k]
         kinds = info.dom_kind()
         if "O" in kinds or "R" not in kinds or "S" not in kinds or any(as_int(i.dom) is None for i in info.iters):
