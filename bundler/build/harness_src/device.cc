@@ -298,41 +298,8 @@ std::string Which(const std::string& name) {
   return "";
 }
 
-// Runs argv (no shell), returns its exit code (127: could not start) with stdout+stderr in *out.
-int Run(const std::vector<std::string>& argv, std::string* out) {
-  int fds[2];
-  if (pipe(fds) != 0) throw std::runtime_error("pipe: " + Err());
-  pid_t pid = fork();
-  if (pid < 0) throw std::runtime_error("fork: " + Err());
-  if (pid == 0) {
-    dup2(fds[1], 1);
-    dup2(fds[1], 2);
-    close(fds[0]);
-    close(fds[1]);
-    int devnull = open("/dev/null", O_RDONLY);
-    if (devnull >= 0) dup2(devnull, 0);
-    std::vector<char*> cargv;
-    for (const auto& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));
-    cargv.push_back(nullptr);
-    execvp(cargv[0], cargv.data());
-    std::fprintf(stderr, "%s: cannot run (%s)\n", cargv[0], std::strerror(errno));
-    _exit(127);
-  }
-  close(fds[1]);
-  char buf[4096];
-  ssize_t n;
-  out->clear();
-  while ((n = read(fds[0], buf, sizeof(buf))) > 0 || (n < 0 && errno == EINTR)) {
-    if (n > 0) out->append(buf, size_t(n));
-  }
-  close(fds[0]);
-  int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
-  if (WIFEXITED(status)) return WEXITSTATUS(status);
-  return 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
-}
-
-// Like Run(), with `input` written to the program's stdin (a manifest for ssh-keygen -Y verify).
+// Runs argv (no shell) with `input` on its stdin (a manifest for ssh-keygen -Y verify; "": an empty
+// stdin), returns its exit code (127: could not start) with stdout+stderr in *out.
 // Writing and reading are interleaved with poll(), so neither side blocks on a full pipe; a program
 // that exits without reading all of its input is not an error here (its exit code says what happened).
 int RunWithInput(const std::vector<std::string>& argv, const std::string& input, std::string* out) {
@@ -395,6 +362,8 @@ int RunWithInput(const std::vector<std::string>& argv, const std::string& input,
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   return 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
 }
+
+int Run(const std::vector<std::string>& argv, std::string* out) { return RunWithInput(argv, "", out); }
 
 std::string LastLines(const std::string& text, int n = 3) {
   std::vector<std::string> lines;
