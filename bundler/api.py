@@ -250,8 +250,8 @@ def tune(board, model: Path | str | None, *, input_shapes=None, trials: int | No
             raise UserError("give --model (the model to tune), or --import/--export to move tuning records")
         return _tune_records(r, import_file, export_file, progress, tuning.TuneResult(None, 0, 0, 0, 0.0, "no model"))
     model = Path(model)
-    trials = trials if trials is not None else r.values.get("tune.trials", 64)
-    time_limit = time_limit if time_limit is not None else r.values.get("tune.time_limit", 0)
+    trials = trials if trials is not None else r.tune.trials
+    time_limit = time_limit if time_limit is not None else r.tune.time_limit
     if sum(bool(x) for x in (host, rpc_addr, tracker, emulate)) > 1:
         raise UserError("give only one of --host, --rpc, --tracker and --emulate")
     if trials < 1:

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from bundler.config import values
-from bundler.config.recipe import Field, display_path, is_nonempty_str, is_str_list, key, read_toml
+from bundler.config.recipe import Field, check_format, display_path, is_nonempty_str, is_str_list, key, read_toml
 from bundler.errors import RecipeError, UserError, did_you_mean
 
-FORMAT = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _ADDRESS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,252}$")
 
@@ -79,11 +78,7 @@ def load(path: Path | str) -> list[Host]:
     if not path.is_file():
         raise UserError(f"inventory not found: {path}")
     data = read_toml(path)
-    if "format" not in data:
-        raise RecipeError(file, "format", f"missing; every inventory starts with 'format = {FORMAT}'")
-    if data["format"] != FORMAT or isinstance(data["format"], bool):
-        raise RecipeError(file, "format", f"{data['format']!r} is not allowed; this tvmbundle reads inventory "
-                                          f"format {FORMAT}")
+    check_format(file, data, "inventory")
     for k in data:
         if k not in ("format", "defaults", "hosts"):
             raise RecipeError(file, k, f"unknown key{did_you_mean(k, ['defaults', 'hosts'])}; "

@@ -478,6 +478,15 @@ def display_path(p: Path) -> str:
         return str(p)
 
 
+def check_format(file: str, data: Mapping[str, Any], kind: str) -> None:
+    """The ``format = 1`` every recipe and inventory starts with (``kind`` names which, in errors)."""
+    if "format" not in data:
+        raise RecipeError(file, "format", f"missing; every {kind} starts with 'format = {FORMAT}'")
+    if data["format"] != FORMAT or isinstance(data["format"], bool):
+        raise RecipeError(file, "format", f"{_show(data['format'])} is not allowed; "
+                                          f"this tvmbundle reads {kind} format {FORMAT}")
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
@@ -521,11 +530,7 @@ def load(name_or_path: str) -> Recipe:
         chain.append(current)
         file = display_path(current)
         data = read_toml(current)
-        if "format" not in data:
-            raise RecipeError(file, "format", f"missing; every recipe starts with 'format = {FORMAT}'")
-        if data["format"] != FORMAT or isinstance(data["format"], bool):
-            raise RecipeError(file, "format", f"{_show(data['format'])} is not allowed; "
-                                              f"this tvmbundle reads recipe format {FORMAT}")
+        check_format(file, data, "recipe")
         for key, value in _flatten(data, file):
             if key == "format":
                 continue
