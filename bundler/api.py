@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from bundler.compile import prepared as prepared_mod
 from bundler.compile import rpc, tuning
 from bundler.compile.pipeline import board_target
 from bundler.config import recipe as recipe_mod
+from bundler.config import values
 from bundler.errors import UserError, one_of
 from bundler.package import bundle as bundle_mod
 from bundler.package import signing
@@ -65,8 +67,11 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
          out_dir: Path | str = "dist", fmt: str = "tar", run_verify: bool = True,
          progress: Progress | None = None, runtime_source: str | None = None,
          allow_runtime_mismatch: bool | None = None, tuned: bool | Path | str = True,
-         reverify: bool = False, sign: Path | str | None = None) -> MakeResult:
+         reverify: bool = False, sign: Path | str | None = None, listen: str | None = None) -> MakeResult:
     """Build a verified bundle of ``model`` for ``board``; returns where it was written.
+
+    ``listen`` (HOST:PORT) overrides the recipe's service.listen: each bundle a device runs needs
+    an address of its own.
 
     ``tuned``: True applies the database `tvmbundle tune` wrote for this model, board target and
     TVM version, when there is one; a folder applies that database; False compiles untuned.
@@ -82,6 +87,11 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
     if fmt not in bundle_mod.FORMATS:
         raise UserError(f"--format: {fmt!r} is not allowed; expected {one_of(bundle_mod.FORMATS)}")
     r = load_recipe(board)
+    if listen is not None:
+        problem = values.listen_address(listen)
+        if problem:
+            raise UserError(f"--listen: {problem}")
+        r = dataclasses.replace(r, service=dataclasses.replace(r.service, listen=listen))
     model = Path(model)
     out_dir = Path(out_dir)
     shapes = {k: tuple(v) for k, v in r.model.input_shapes}

@@ -13,10 +13,13 @@ write nothing to it), shares the host's network namespace, and runs its sshd on
 authorized keys are the test session's key, bound read-only into the device.
 
 Several devices share the host's network, so each device's service must listen on
-its own loopback address: a drop-in (``tvmbundle.service.d/10-test-listen.conf``) gives
-the unit's ExecStart ``--listen 127.0.0.N:PORT``, and the SSH sessions get
+its own loopback address: a drop-in (``tvmbundle@.service.d/10-test-listen.conf`` for every
+bundle's instance, ``tvmbundle.service.d/`` for the single-service layout of tvmbundle 0.1)
+gives the unit's ExecStart ``--listen 127.0.0.N:PORT``, and the SSH sessions get
 ``TVM_DEPLOY_LISTEN`` so ``tvm-deploy probe`` asks the same address.  Everything
 else (the unit, ``DynamicUser``, the hardening, ``systemctl``) is the real thing.
+A device made with ``own_listen=True`` has neither: its bundles are built to listen on its
+address (``make --listen``), each on a port of its own, as several bundles of one device are.
 
 Each nspawn runs in its own cgroup (see shared/README.md), is stopped with SIGTERM
 and its cgroups and ``/run/systemd/nspawn/propagate/NAME`` are removed afterwards.
@@ -142,6 +145,7 @@ class Device:
     root: Path = ROOT_DIR
     port: int = 0
     service_port: int = 0
+    own_listen: bool = False      # no listen drop-ins: the bundles' own addresses (several bundles)
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -195,8 +199,17 @@ class Device:
         self.sh(f"mkdir -p {inside} && mount -t tmpfs -o size={size},mode=0755 tmpfs {inside} && "
                 f"chown pi:pi {inside}", check=True)
 
-    def current_id(self, prefix: str | None = None) -> str | None:
-        link = self.path((prefix or self.prefix_default) + "/current")
+    def current_id(self, prefix: str | None = None, name: str | None = None) -> str | None:
+        """Bundle ``name``'s current release (default: the device's only bundle; with none, the
+        single-service layout's)."""
+        prefix = prefix or self.prefix_default
+        if name is None:
+            bundles = self.path(prefix + "/bundles")
+            names = sorted(p.name for p in bundles.iterdir()) if bundles.is_dir() else []
+            if len(names) > 1:
+                raise AssertionError(f"{self.name} has bundles {names}: say which")
+            name = names[0] if names else None
+        link = self.path(f"{prefix}/bundles/{name}/current" if name else f"{prefix}/current")
         return os.readlink(link).rsplit("/", 1)[-1] if link.is_symlink() else None
 
     def systemctl(self, *args: str) -> int:
@@ -217,20 +230,22 @@ class Device:
         (self.base / "sshd.conf").write_text("\n".join([
             f"ListenAddress {self.host}:{self.port}", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
             "AuthenticationMethods publickey", "PermitRootLogin prohibit-password",
-            "AuthorizedKeysFile /etc/ssh/test_keys/%u", f"SetEnv TVM_DEPLOY_LISTEN={self.host}:{self.service_port}",
+            "AuthorizedKeysFile /etc/ssh/test_keys/%u",
+            *([] if self.own_listen else [f"SetEnv TVM_DEPLOY_LISTEN={self.host}:{self.service_port}"]),
             "MaxStartups 100", "LogLevel ERROR", ""]))
         self.serve_from(self.prefix_default)
         self.trust()
 
     def serve_from(self, prefix: str) -> None:
-        """Point the listen drop-in at the release under ``prefix`` (rewritten in place: it is bound)."""
-        text = ("# tests/devices.py: devices share the host's network, so each listens on its own address\n"
-                f"[Service]\nExecStart=\nExecStart={prefix}/current/bin/tvm-deploy serve "
-                f"--listen {self.host}:{self.service_port} --threads 1\n")
-        with open(self.base / "listen.conf", "a+") as f:
-            f.seek(0)
-            f.truncate()
-            f.write(text)
+        """Point the listen drop-ins at the releases under ``prefix`` (rewritten in place: they are bound)."""
+        for conf, current in (("listen.conf", f"{prefix}/bundles/%i/current"), ("listen-legacy.conf", f"{prefix}/current")):
+            text = ("# tests/devices.py: devices share the host's network, so each listens on its own address\n"
+                    f"[Service]\nExecStart=\nExecStart={current}/bin/tvm-deploy serve "
+                    f"--listen {self.host}:{self.service_port} --threads 1\n")
+            with open(self.base / conf, "a+") as f:
+                f.seek(0)
+                f.truncate()
+                f.write(text)
 
     def trust(self) -> None:
         """One known_hosts line per address: all devices share the root's host key."""
@@ -247,7 +262,10 @@ class Device:
                 "--console=pipe", "-M", self.name, f"--hostname={self.name}", "--volatile=overlay",
                 f"--bind-ro={self.base / 'sshd.conf'}:/etc/ssh/sshd_config.d/test.conf",
                 f"--bind-ro={self.base / 'keys'}:/etc/ssh/test_keys",
-                f"--bind-ro={self.base / 'listen.conf'}:/etc/systemd/system/tvmbundle.service.d/10-test-listen.conf"]
+                *([] if self.own_listen else [
+                    f"--bind-ro={self.base / 'listen.conf'}:/etc/systemd/system/tvmbundle@.service.d/10-test-listen.conf",
+                    f"--bind-ro={self.base / 'listen-legacy.conf'}:/etc/systemd/system/tvmbundle.service.d/"
+                    "10-test-listen.conf"])]
         # Its own cgroup in each hierarchy, or the devices' services share one and `systemctl stop` misbehaves.
         cg = " ".join(f"mkdir -p /sys/fs/cgroup/{h}/nspawn-{self.name} && echo $$ > "
                       f"/sys/fs/cgroup/{h}/nspawn-{self.name}/cgroup.procs &&"
@@ -303,11 +321,11 @@ class Devices:
         self.devices: list[Device] = []
         self.first_index = first_index
 
-    def add(self, n: int = 1) -> list[Device]:
+    def add(self, n: int = 1, own_listen: bool = False) -> list[Device]:
         new = []
         for _ in range(n):
             i = self.first_index + len(self.devices)
-            d = Device(i, self.base / f"device{i}", self.key, self.known_hosts)
+            d = Device(i, self.base / f"device{i}", self.key, self.known_hosts, own_listen=own_listen)
             d.configure()
             self.devices.append(d)
             new.append(d)

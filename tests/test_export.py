@@ -4,7 +4,9 @@ No Buildroot or BitBake runs here: the generated files are parsed with small par
 our own and compared with the variable names the Buildroot manual (generic-package,
 br2-external) and the Yocto reference manual document.  The install commands of both
 are run with their variables substituted, into a scratch root, and must give the same
-layout as the overlay (PREFIX/releases/<id>, PREFIX/current, the rendered unit).
+layout as the overlay (bundler.package.layout: PREFIX/bundles/NAME/releases/<id>,
+PREFIX/bundles/NAME/current, the rendered unit tvmbundle@NAME.service). Two bundles' overlays and
+exports go into one image side by side.
 """
 
 from __future__ import annotations
@@ -14,21 +16,21 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from bundler import api
-from bundler.package import bundle, service
+from bundler.package import bundle, debian, layout, service
 from tests.conftest import REPO, session_cache
 
 EPOCH = "1700000000"
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """One x86_64 bundle of the example model for the whole module: (tarball, manifest)."""
+def _make(tmp_path_factory, model: Path):
     mp = pytest.MonkeyPatch()
     try:
         mp.setenv("HOME", str(tmp_path_factory.mktemp("home")))
@@ -36,11 +38,24 @@ def built(tmp_path_factory):
         mp.setenv("SOURCE_DATE_EPOCH", EPOCH)
         mp.delenv("TVMBUNDLE_RECIPE_PATH", raising=False)
         mp.chdir(REPO)
-        result = api.make("x86_64", REPO / "examples" / "tinycnn.onnx",
-                          out_dir=tmp_path_factory.mktemp("dist"), run_verify=False)
+        result = api.make("x86_64", model, out_dir=tmp_path_factory.mktemp("dist"), run_verify=False)
     finally:
         mp.undo()
     return result.bundle, result.manifest.to_json()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One x86_64 bundle of the example model for the whole module: (tarball, manifest)."""
+    return _make(tmp_path_factory, REPO / "examples" / "tinycnn.onnx")
+
+
+@pytest.fixture(scope="module")
+def second(tmp_path_factory):
+    """Another bundle for the same board, named det (the same graph: its build is the cache's)."""
+    model = tmp_path_factory.mktemp("det") / "det.onnx"
+    shutil.copyfile(REPO / "examples" / "tinycnn.onnx", model)
+    return _make(tmp_path_factory, model)
 
 
 def sha256(p: Path) -> str:
@@ -132,14 +147,27 @@ def run_install(commands: str, subst: dict[str, str]) -> None:
 
 def check_installed(root: Path, manifest: dict, unit_dir: str) -> None:
     """The layout deploy and the overlay keep: every file with its mode, `current`, the unit."""
-    prefix = root / manifest["install"]["prefix"].strip("/")
-    assert (prefix / "current").readlink() == Path("releases") / manifest["bundle_id"]
-    release = prefix / "current"
+    prefix, name, bid = manifest["install"]["prefix"], manifest["name"], manifest["bundle_id"]
+    current = root / layout.current(prefix, name).lstrip("/")
+    assert current.readlink() == Path(layout.current_target(bid))
+    assert current.resolve() == (root / layout.release_dir(prefix, name, bid).lstrip("/")).resolve()
     for f in manifest["files"]:
-        p = release / f["path"]
+        p = current / f["path"]
         assert sha256(p) == f["sha256"] and oct(p.stat().st_mode & 0o777) == oct(int(f["mode"], 8)), f
-    assert json.loads((release / "manifest.json").read_text()) == manifest
-    assert (root / unit_dir.strip("/") / service.UNIT).read_text() == service.render_unit(manifest)
+    assert json.loads((current / "manifest.json").read_text()) == manifest
+    unit = (root / unit_dir.strip("/") / layout.unit_name(name)).read_text()
+    assert unit == service.render_unit(manifest)
+    assert f"ExecStart={layout.current(prefix, name)}/bin/tvm-deploy serve " in unit
+
+
+def files_of(root: Path) -> set[str]:
+    """Every file and link below ``root`` (not the folders, which packages may share)."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_symlink() or not p.is_dir()}
+
+
+def external_name(tree: Path) -> str:
+    desc = dict(line.split(": ", 1) for line in (tree / "external.desc").read_text().splitlines())
+    return desc["name"]
 
 
 # --- Buildroot ----------------------------------------------------------------------------
@@ -156,7 +184,7 @@ def test_buildroot_external_tree(run_cli, built, tmp_path):
     desc = dict(line.split(": ", 1) for line in (out / "external.desc").read_text().splitlines())
     assert set(desc) == {"name", "desc"} and re.fullmatch(r"[A-Za-z0-9_]+", desc["name"])
     ext_path = f"BR2_EXTERNAL_{desc['name']}_PATH"
-    sourced = re.findall(r'^source "\$' + ext_path + r'/(.+)"$', (out / "Config.in").read_text(), re.M)
+    sourced = re.findall(r'^source "\$' + ext_path + r'/(.+)"$', (out / "Config.in").read_text(), re.MULTILINE)
     assert sourced == [f"package/{pkg}/Config.in"]
     include = (out / "external.mk").read_text().strip()
     assert include == f"include $(sort $(wildcard $({ext_path})/package/*/*.mk))"
@@ -197,8 +225,11 @@ def test_buildroot_external_tree(run_cli, built, tmp_path):
     run_install(mk[f"{var}_INSTALL_TARGET_CMDS"], subst)
     run_install(mk[f"{var}_INSTALL_INIT_SYSTEMD"], subst)
     check_installed(target, manifest, "/usr/lib/systemd/system")
-    wants = target / "etc/systemd/system/multi-user.target.wants" / service.UNIT
-    assert wants.resolve() == (target / "usr/lib/systemd/system" / service.UNIT).resolve()
+    unit = layout.unit_name(manifest["name"])
+    wants = target / "etc/systemd/system/multi-user.target.wants" / unit
+    assert wants.resolve() == (target / "usr/lib/systemd/system" / unit).resolve()
+    assert (out / "package" / pkg / unit).is_file()
+    assert desc["name"] == var     # one external tree per bundle: Buildroot refuses two of one name
 
 
 # --- Yocto --------------------------------------------------------------------------------
@@ -219,8 +250,9 @@ def test_yocto_layer(run_cli, built, tmp_path):
     assert conf[f"BBFILE_PRIORITY_{collection}"].isdigit()
     assert {"kirkstone", "scarthgap"} <= set(conf[f"LAYERSERIES_COMPAT_{collection}"].split())
 
+    assert collection == pkg           # one collection per bundle: an image takes the layers of several
     recipes = [p.relative_to(out).as_posix() for p in out.rglob("*.bb")]
-    assert recipes == [f"recipes-{collection}/{pkg}/{pkg}_{version}.bb"]
+    assert recipes == [f"recipes-tvmbundle/{pkg}/{pkg}_{version}.bb"]
     assert any(fnmatch.fnmatch(f"{out}/{recipes[0]}", pattern.replace("${LAYERDIR}", str(out)))
                for pattern in conf["BBFILES"].split())
     variables, functions, inherits = parse_bitbake((out / recipes[0]).read_text())
@@ -236,14 +268,15 @@ def test_yocto_layer(run_cli, built, tmp_path):
     uris = variables["SRC_URI"]
     for k, v in expand.items():
         uris = uris.replace(k, v)
-    assert uris.split() == [f"file://{tarball.name}", f"file://{service.UNIT}"]
+    unit = layout.unit_name(manifest["name"])
+    assert uris.split() == [f"file://{tarball.name}", f"file://{unit}"]
     assert variables["SRC_URI[sha256sum]"] == sha256(tarball)
-    files = out / f"recipes-{collection}" / pkg / "files"
+    files = out / "recipes-tvmbundle" / pkg / "files"
     assert (files / tarball.name).read_bytes() == tarball.read_bytes()
-    assert (files / service.UNIT).read_text() == service.render_unit(manifest)
+    assert (files / unit).read_text() == service.render_unit(manifest)
     top = tarball.name[: -len(".tar.gz")]
     assert variables["S"] == "${TVMBUNDLE_SRCDIR}/" + top
-    assert variables["SYSTEMD_SERVICE:${PN}"] == service.UNIT and variables["SYSTEMD_AUTO_ENABLE:${PN}"] == "enable"
+    assert variables["SYSTEMD_SERVICE:${PN}"] == unit and variables["SYSTEMD_AUTO_ENABLE:${PN}"] == "enable"
     assert variables["USERADD_PACKAGES"] == "${PN}"
     assert variables["USERADD_PARAM:${PN}"].split()[-1] == manifest["service"]["user"]
     assert {"already-stripped", "ldflags"} <= set(variables["INSANE_SKIP:${PN}"].split())
@@ -251,7 +284,7 @@ def test_yocto_layer(run_cli, built, tmp_path):
     assert variables["COMPATIBLE_HOST"] == "x86_64.*-linux"
     assert variables["TVMBUNDLE_ID"] == manifest["bundle_id"]
     assert variables["TVMBUNDLE_PREFIX"] == manifest["install"]["prefix"]
-    assert "${TVMBUNDLE_PREFIX}" in variables["FILES:${PN}"] and service.UNIT in variables["FILES:${PN}"]
+    assert "${TVMBUNDLE_PREFIX}" in variables["FILES:${PN}"] and unit in variables["FILES:${PN}"]
     for name, body in functions.items():       # the python functions at least compile
         if name != "do_install":
             compile(__import__("textwrap").dedent(body), name, "exec")
@@ -260,7 +293,7 @@ def test_yocto_layer(run_cli, built, tmp_path):
     image = tmp_path / "image"
     unpack = tmp_path / "unpack"
     bundle.extract(tarball, unpack)
-    (unpack / service.UNIT).write_bytes((files / service.UNIT).read_bytes())
+    (unpack / unit).write_bytes((files / unit).read_bytes())
     run_install(functions["do_install"], {
         "${S}": str(unpack / top), "${D}": str(image), "${TVMBUNDLE_SRCDIR}": str(unpack),
         "${TVMBUNDLE_PREFIX}": variables["TVMBUNDLE_PREFIX"], "${TVMBUNDLE_ID}": variables["TVMBUNDLE_ID"],
@@ -268,7 +301,79 @@ def test_yocto_layer(run_cli, built, tmp_path):
     check_installed(image, manifest, "/lib/systemd/system")
 
 
-# --- both ---------------------------------------------------------------------------------
+# --- both, and several bundles in one image ------------------------------------------------
+
+def test_package_names_differ_per_bundle_name():
+    """A package per bundle name: names that the package alphabets fold together stay apart."""
+    names = ["net", "Net", "my_net", "my-net", "my.net", "my--net", "det"]
+    for allowed in ("a-z0-9+.-", "a-z0-9-"):          # Debian's, Buildroot's and Yocto's
+        packages = {n: debian.package_name(SimpleNamespace(name=n), allowed) for n in names}
+        assert len(set(packages.values())) == len(names), packages
+        assert all(re.fullmatch(f"[{allowed}]+", p) for p in packages.values()), packages
+    assert debian.package_name(SimpleNamespace(name="net")) == "tvmbundle-net"
+    assert debian.package_name(SimpleNamespace(name="my.net")) == "tvmbundle-my.net"
+    assert re.fullmatch(r"tvmbundle-my-net-[0-9a-f]{8}", debian.package_name(SimpleNamespace(name="My_Net")))
+
+
+def test_two_bundles_share_an_image(run_cli, built, second, tmp_path):
+    """A detector and a recognizer in one image: their overlays, laid onto one root, and their
+    Buildroot and Yocto exports, installed into one target, give two releases, two `current` links
+    and two enabled units, and no file comes from both."""
+    bundles = [built, second]
+    assert len({m["name"] for _, m in bundles}) == 2
+    wants = "etc/systemd/system/multi-user.target.wants"
+
+    image, seen = tmp_path / "image", set()
+    for tarball, manifest in bundles:
+        src = bundle.extract(tarball, tmp_path / f"x-{manifest['name']}")
+        tree = tmp_path / f"overlay-{manifest['name']}"
+        tree.mkdir()
+        bundle.write_overlay(src, bundle.load_manifest(src, str(tarball)), tree)
+        files = files_of(tree)
+        assert not files & seen, sorted(files & seen)
+        seen |= files
+        shutil.copytree(tree, image, symlinks=True, dirs_exist_ok=True)
+    units = sorted(layout.unit_name(m["name"]) for _, m in bundles)
+    assert sorted(p.name for p in (image / wants).iterdir()) == units
+    for _, manifest in bundles:
+        check_installed(image, manifest, layout.UNIT_DIR)
+        unit = layout.unit_name(manifest["name"])
+        assert (image / wants / unit).resolve() == (image / layout.UNIT_DIR.lstrip("/") / unit).resolve()
+
+    # Buildroot: two external trees (BR2_EXTERNAL=/a:/b), of two names, with two packages
+    target, externals, seen = tmp_path / "target", set(), set()
+    for tarball, manifest in bundles:
+        out = tmp_path / f"br2-{manifest['name']}"
+        result = export(run_cli, "buildroot", tarball, out)
+        pkg = result["package"]
+        var = pkg.upper().replace("-", "_")
+        externals.add(external_name(out))
+        mk = parse_make((out / "package" / pkg / f"{pkg}.mk").read_text())
+        src = bundle.extract(tarball, tmp_path / f"br-build-{manifest['name']}")
+        alone = tmp_path / f"br-alone-{manifest['name']}"
+        for dest in (alone, target):
+            subst = {"$(INSTALL)": "install", "$(@D)": str(src), "$(TARGET_DIR)": str(dest),
+                     f"$({var}_PKGDIR)": str(out / "package" / pkg)}
+            run_install(mk[f"{var}_INSTALL_TARGET_CMDS"], subst)
+            run_install(mk[f"{var}_INSTALL_INIT_SYSTEMD"], subst)
+        files = files_of(alone)
+        assert not files & seen, sorted(files & seen)
+        seen |= files
+    assert len(externals) == 2
+    assert sorted(p.name for p in (target / wants).iterdir()) == units
+    for _, manifest in bundles:
+        check_installed(target, manifest, "/usr/lib/systemd/system")
+
+    # Yocto: two layers, of two collections, with two recipes
+    collections = set()
+    for tarball, manifest in bundles:
+        out = tmp_path / f"meta-{manifest['name']}"
+        result = export(run_cli, "yocto", tarball, out)
+        conf, _, _ = parse_bitbake((out / "conf" / "layer.conf").read_text())
+        collections.add(conf["BBFILE_COLLECTIONS"])
+        assert [p.parent.name for p in out.rglob("*.bb")] == [result["package"]]
+    assert len(collections) == 2
+
 
 def tree(root: Path) -> dict[str, tuple]:
     out = {}

@@ -5,8 +5,10 @@ modules need it on the managed host; the shared root has none): a copy of that r
 installed is built once beside it (``derived_root``), and one with Debian's mender-client for the
 standalone `mender install` test.  The Mender update module is also run state by state, the way
 mender-update calls it (``module_tree``, ``run_update``).  ansible-playbook gets its own inventory, the test
-session's private key and known_hosts, with host key checking on.  The device layout is deploy's,
-so `release.status` (what `tvmbundle status` calls) must read the devices Ansible updated.
+session's private key and known_hosts, with host key checking on.  The device layout is deploy's
+(bundler.package.layout: a folder and a unit tvmbundle@NAME.service per bundle, a shared store), so
+`release.status` (what `tvmbundle status` calls) must read the devices Ansible updated, and two bundles'
+roles on one host leave both serving.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ import pytest
 
 from bundler.device import release
 from bundler.package import export as export_mod
-from tests import bundletools
+from bundler.package import fleetexport, layout
+from tests import bundletools, models
 from tests.bundletools import perturb_expected, repack
 from tests.devices import ROOT_DIR, Device, next_index
+
+NAME = "net"        # the bundles of bundletools.model_update
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="test devices need root (systemd-nspawn, sshd logins)")]
@@ -63,7 +68,7 @@ def derived_root(suffix: str, packages: list[str], mask: tuple[str, ...] = ()) -
     return root
 
 
-def booted(root: Path, base: Path, n: int):
+def booted(root: Path, base: Path, n: int, own_listen: bool = False):
     """``n`` devices of ``root`` (a context manager yielding them); always stopped."""
     from contextlib import contextmanager
 
@@ -73,8 +78,8 @@ def booted(root: Path, base: Path, n: int):
     def cm():
         key = client_key(base / "client")
         first = next_index(n)
-        devs = [Device(first + i, base / f"device{i}", key, base / "client" / "known_hosts", root=root)
-                for i in range(n)]
+        devs = [Device(first + i, base / f"device{i}", key, base / "client" / "known_hosts", root=root,
+                       own_listen=own_listen) for i in range(n)]
         try:
             for d in devs:
                 d.configure()
@@ -102,15 +107,18 @@ def exports(bundles, tmp_path_factory) -> dict[str, Path]:
     return {k: export_mod.export(v, "ansible", d / k).path for k, v in bundles.items()}
 
 
-@pytest.fixture
-def fleet(device_root, tmp_path):
+def python_root() -> Path:
     if PLAYBOOK is None:
         pytest.skip("ansible-playbook is not installed (pip install ansible-core)")
     try:
-        root = derived_root("python", ["python3"])          # Ansible's modules need python3 on the host
+        return derived_root("python", ["python3"])          # Ansible's modules need python3 on the host
     except (subprocess.CalledProcessError, OSError) as e:
         pytest.skip(f"cannot build the python3 device root beside {ROOT_DIR}: {e}")
-    with booted(root, tmp_path / "fleet", 3) as devs:
+
+
+@pytest.fixture
+def fleet(device_root, tmp_path):
+    with booted(python_root(), tmp_path / "fleet", 3) as devs:
         yield devs
 
 
@@ -120,7 +128,8 @@ def bundle_id(path: Path) -> str:
 
 def inventory(devs, path: Path) -> Path:
     hosts = {f"dev{i}": {"ansible_host": d.host, "ansible_port": d.port,
-                         "tvmbundle_probe_listen": f"{d.host}:{d.service_port}"} for i, d in enumerate(devs)}
+                         **({} if d.own_listen else {"tvmbundle_probe_listen": f"{d.host}:{d.service_port}"})}
+             for i, d in enumerate(devs)}
     doc = {"tvmbundle": {"hosts": hosts, "vars": {
         "ansible_user": "pi", "ansible_python_interpreter": "/usr/bin/python3",
         "ansible_ssh_private_key_file": str(devs[0].key),
@@ -160,8 +169,14 @@ def uploaded(out: str, host: str) -> list[str]:
     return sorted(found)
 
 
-def current(dev) -> str | None:
-    return dev.current_id()
+def current(dev, name: str = NAME) -> str | None:
+    return dev.current_id(name=name)
+
+
+def status(dev, name: str = NAME) -> release.DeviceStatus:
+    """What `tvmbundle status` reads of bundle ``name`` on ``dev``."""
+    (st,) = release.status(dev.target(user="pi", sudo=True), name=name)
+    return st
 
 
 def test_export_is_reproducible_and_lints(bundles, tmp_path):
@@ -174,6 +189,18 @@ def test_export_is_reproducible_and_lints(bundles, tmp_path):
         assert (p.stat().st_mode, p.stat().st_mtime) == (q.stat().st_mode, q.stat().st_mtime), rel
     for sub in ("tasks", "defaults", "handlers", "files", "meta"):
         assert (a.path / "roles/tvmbundle" / sub).is_dir()
+    # every agent call names the bundle; the paths are the layout's, the unit the bundle's instance
+    role = a.path / "roles/tvmbundle"
+    tasks = (role / "tasks/main.yml").read_text()
+    calls = re.findall(r"'(survey|activate)', '--prefix', tvmbundle_prefix, '--name', tvmbundle_name", tasks)
+    assert sorted(calls) == ["activate", "activate", "survey"], calls
+    assert "- install\n          - --prefix\n          - \"{{ tvmbundle_prefix }}\"\n          - --name\n" in tasks
+    assert layout.releases_dir("{{ tvmbundle_prefix }}", "{{ tvmbundle_name }}") in tasks
+    assert "'/releases/'" not in tasks and "/current" not in tasks
+    variables = (role / "vars/main.yml").read_text()
+    assert f'tvmbundle_name: "{NAME}"' in variables and f'tvmbundle_unit: "{layout.unit_name(NAME)}"' in variables
+    unit = (role / "templates/tvmbundle.service.j2").read_text()
+    assert "ExecStart={% endraw %}{{ tvmbundle_prefix }}{% raw %}/bundles/net/current/bin/tvm-deploy serve" in unit
     if LINT is None:
         pytest.skip("ansible-lint is not installed")
     res = subprocess.run([LINT, "-q", "roles/tvmbundle", "deploy.yml"], cwd=a.path, capture_output=True, text=True,
@@ -192,8 +219,9 @@ def test_rollout_update_selftest_failure_and_limit(fleet, exports, tmp_path):
     print(f"first install: {res.seconds:.1f} s")
     for d in devs:
         assert current(d) == ida
-        st = release.status(d.target(user="pi", sudo=True))      # what `tvmbundle status` reads
-        assert st.current == ida and st.healthy, st
+        st = status(d)                                           # what `tvmbundle status` reads
+        assert st.current == ida and st.healthy and not st.legacy, st
+        assert st.unit == layout.unit_name(NAME)
     assert {h: r["failed"] for h, r in recap(res.stdout).items()} == {"dev0": 0, "dev1": 0, "dev2": 0}
 
     # 2. a model-only update: only the files whose content changed are copied
@@ -233,7 +261,7 @@ def test_rollout_update_selftest_failure_and_limit(fleet, exports, tmp_path):
     print(f"mixed rollout, one selftest failing: {res.seconds:.1f} s")
     assert rows["dev1"]["failed"] == 1 and rows["dev0"]["failed"] == 0 and rows["dev2"]["failed"] == 0, rows
     assert "selftest" in res.stdout and "nothing was switched" in res.stdout
-    assert current(devs[1]) == idb and release.status(devs[1].target(user="pi", sudo=True)).healthy
+    assert current(devs[1]) == idb and status(devs[1]).healthy
     assert current(devs[0]) == ida and current(devs[2]) == ida
     doc["tvmbundle"]["hosts"]["dev1"].pop("role_for_host")
     inv.write_text(json.dumps(doc))
@@ -244,13 +272,13 @@ def test_rollout_update_selftest_failure_and_limit(fleet, exports, tmp_path):
     rows = recap(res.stdout)
     assert rows["dev0"]["failed"] == 1, rows
     assert "dev1" not in rows and "dev2" not in rows, rows
-    assert current(devs[0]) == ida and release.status(devs[0].target(user="pi", sudo=True)).healthy
+    assert current(devs[0]) == ida and status(devs[0]).healthy
     assert current(devs[1]) == idb and current(devs[2]) == ida
 
     # 5. the health gate fails on a host (its service cannot listen): activate switched, the role switches back
     import socket
 
-    assert devs[2].systemctl("stop", "tvmbundle.service") == 0
+    assert devs[2].systemctl("stop", layout.unit_name(NAME)) == 0
     blocker = socket.socket()
     blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     blocker.bind((devs[2].host, devs[2].service_port))
@@ -264,12 +292,57 @@ def test_rollout_update_selftest_failure_and_limit(fleet, exports, tmp_path):
     assert "TASK [tvmbundle : Rollback | the previous release, with its own harness]" in res.stdout
     assert f"the previous release {ida[:12]} is current again" in res.stdout, res.stdout[-3000:]
     assert current(devs[2]) == ida
-    st = release.status(devs[2].target(user="pi", sudo=True))
+    st = status(devs[2])
     deadline = time.monotonic() + 30
     while not st.healthy and time.monotonic() < deadline:       # Restart=on-failure brings a back
         time.sleep(1)
-        st = release.status(devs[2].target(user="pi", sudo=True))
+        st = status(devs[2])
     assert st.current == ida and st.healthy
+
+
+def test_two_bundles_on_one_host(device_root, tmp_path):
+    """A detector and a recognizer, each its own export (and address), played onto one host: both serve,
+    each from its own folder and unit, the second sends only what the shared store lacks, and playing
+    one again leaves the other's service alone."""
+    from bundler import api
+    from tests.sshd import free_port
+
+    root = python_root()
+    with booted(root, tmp_path / "fleet", 1, own_listen=True) as (dev,):
+        trees, ids = {}, {}
+        for name, seed in (("det", 0), ("rec", 1)):
+            d = tmp_path / name
+            d.mkdir()
+            models.conv_net(d / f"{name}.onnx", seed=seed)
+            made = api.make("x86_64", d / f"{name}.onnx", out_dir=d / "dist", run_verify=False,
+                            listen=f"{dev.host}:{free_port(dev.host)}")
+            trees[name], ids[name] = export_mod.export(made.bundle, "ansible", d / "ansible").path, made.bundle_id
+        inv = inventory([dev], tmp_path / "inventory.yml")
+        for name in ("det", "rec"):
+            res = play(trees[name], inv)
+            assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+        sent = uploaded(res.stdout, "dev0")
+        assert "model/model.so" in sent and all(p == "model/model.so" or p.startswith("selftest/") for p in sent), sent
+        found = {st.name: st for st in release.status(dev.target(user="pi", sudo=True))}
+        assert sorted(found) == ["det", "rec"], found
+        for name in ("det", "rec"):
+            st = found[name]
+            assert st.current == ids[name] and st.healthy and st.unit == layout.unit_name(name) and not st.legacy, st
+            assert current(dev, name) == ids[name]
+            assert dev.systemctl("is-active", "--quiet", layout.unit_name(name)) == 0
+        # one store: the harness both releases run is one file on the device's disk
+        harness = [dev.path(layout.release_dir("/opt/tvmbundle", n, ids[n]) + "/bin/tvm-deploy").stat().st_ino
+                   for n in ("det", "rec")]
+        assert harness[0] == harness[1]
+
+        def main_pid(name: str) -> str:
+            return dev.sh(f"systemctl show -p MainPID --value {layout.unit_name(name)}").stdout.strip()
+
+        before = main_pid("rec")
+        res = play(trees["det"], inv)
+        assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+        assert main_pid("rec") == before and before != "0"
+        assert status(dev, "rec").healthy and status(dev, "det").healthy
 
 
 # --- Mender -------------------------------------------------------------------------------
@@ -357,6 +430,8 @@ def test_mender_artifact_and_update_module(bundles, devices, tmp_path):
         r = export_mod.export(bundles[name], "mender", tmp_path / f"m-{name}", key=key)
         arts[name] = next(r.path.glob("*.mender"))
         assert sorted(r.files) == sorted(["README.md", "modules/v3/tvmbundle", arts[name].name])
+        # one module for every bundle of a device: nothing in it is this bundle's
+        assert (r.path / "modules/v3/tvmbundle").read_text() == fleetexport.MENDER_MODULE
     again = export_mod.export(bundles["a"], "mender", tmp_path / "m-a2", key=key)
     assert next(again.path.glob("*.mender")).read_bytes() == arts["a"].read_bytes()      # reproducible
     for art in arts.values():
@@ -367,6 +442,13 @@ def test_mender_artifact_and_update_module(bundles, devices, tmp_path):
                            check=False)
         assert rd.returncode == 0 and "signed and verified correctly" in rd.stdout, rd.stdout
         assert "Type:   tvmbundle" in rd.stdout and "Compatible devices: '[x86_64]'" in rd.stdout
+    module_tree(arts["a"], tmp_path / "tree")
+    payload = sorted(p.name for p in (tmp_path / "tree/files").iterdir())
+    assert payload == sorted([bundles["a"].name, fleetexport.MENDER_UNIT, fleetexport.MENDER_CONF]), payload
+    assert f"name={NAME}\n" in (tmp_path / "tree/files" / fleetexport.MENDER_CONF).read_text()
+    calls = [line for line in fleetexport.MENDER_MODULE.splitlines()
+             if re.search(r'/bin/tvm-deploy" (survey|prepare|install|activate|gc|status) ', line)]
+    assert len(calls) == 6 and all('--name "$NAME"' in line for line in calls), calls
     rsa_key(tmp_path / "other")
     wrong = subprocess.run([MENDER_ARTIFACT, "validate", "-k", str(tmp_path / "other/artifact.pub"), str(arts["a"])],
                            capture_output=True, text=True, check=False)
@@ -387,16 +469,16 @@ def test_mender_artifact_and_update_module(bundles, devices, tmp_path):
     for name in ("a", "b"):
         states = run_update(dev, arts[name])
         assert [s for s, rc, _ in states if rc != 0] == [], states
-        assert dev.current_id() == ids[name]
+        assert current(dev) == ids[name]
         assert serving(dev, bundles[name], wait=10)
-    st = release.status(dev.target(user="pi", sudo=True))
-    assert st.current == ids["b"] and st.healthy
+    st = status(dev)
+    assert st.current == ids["b"] and st.healthy and st.unit == layout.unit_name(NAME)
     states = run_update(dev, arts["bad"])
     failed = [s for s, rc, _ in states if rc != 0]
     assert failed == ["ArtifactInstall"], states
     assert "selftest" in states[2][2], states
     assert [s for s, _, _ in states][-3:] == ["ArtifactRollback", "ArtifactFailure", "Cleanup"]
-    assert dev.current_id() == ids["b"] and serving(dev, bundles["b"], wait=10)
+    assert current(dev) == ids["b"] and serving(dev, bundles["b"], wait=10)
     assert not list(dev.path("/opt/tvmbundle/staging").glob("*.part"))
 
 
@@ -437,12 +519,12 @@ def test_mender_client_standalone_install(bundles, device_root, tmp_path):
             assert inst.returncode == 0, inst.stdout + inst.stderr
             assert dev.sh(f"{env} mender commit").returncode == 0
             assert dev.sh("mender show-artifact").stdout.strip() == f"net-{ids[name][:12]}"
-            assert dev.current_id() == ids[name] and serving(dev, bundles[name], wait=10)
+            assert current(dev) == ids[name] and serving(dev, bundles[name], wait=10)
         assert dev.sh("mender show-artifact").stdout.strip() == f"net-{ids['b'][:12]}"
-        assert dev.current_id() == ids["b"] and serving(dev, bundles["b"], wait=10)
+        assert current(dev) == ids["b"] and serving(dev, bundles["b"], wait=10)
         # an artifact signed by another key is refused before the module runs
         other, _ = rsa_key(tmp_path / "other")
         foreign = export_mod.export(bundles["a"], "mender", tmp_path / "m-foreign", key=other).path
         shutil.copyfile(next(foreign.glob("*.mender")), dev.path("/root/update.mender"))
         assert dev.sh(f"{env} mender install /root/update.mender").returncode != 0
-        assert dev.current_id() == ids["b"]
+        assert current(dev) == ids["b"]

@@ -388,24 +388,25 @@ def test_overlay_format_lays_out_a_bootable_tree(run_cli, model_dir, tmp_path):
     assert overlay_tar.name.endswith("-overlay.tar.gz") and Path(res["bundle"]).is_file()
     tree = overlay_tar.with_name(overlay_tar.name[: -len(".tar.gz")])
     bid = res["bundle_id"]
-    release = tree / "opt" / "tvmbundle" / "releases" / bid
+    release = tree / "opt" / "tvmbundle" / "bundles" / "convnet" / "releases" / bid
     assert (release / "bin" / "tvm-deploy").is_file() and (release / "manifest.json").is_file()
-    current = tree / "opt" / "tvmbundle" / "current"
+    current = tree / "opt" / "tvmbundle" / "bundles" / "convnet" / "current"
     assert current.is_symlink() and str(current.readlink()) == f"releases/{bid}"
-    unit = tree / "etc" / "systemd" / "system" / "tvmbundle.service"
-    wants = tree / "etc" / "systemd" / "system" / "multi-user.target.wants" / "tvmbundle.service"
+    unit = tree / "etc" / "systemd" / "system" / "tvmbundle@convnet.service"
+    wants = tree / "etc" / "systemd" / "system" / "multi-user.target.wants" / "tvmbundle@convnet.service"
     assert wants.is_symlink() and wants.resolve() == unit.resolve()
-    assert "ExecStart=/opt/tvmbundle/current/bin/tvm-deploy serve" in unit.read_text()
+    assert "ExecStart=/opt/tvmbundle/bundles/convnet/current/bin/tvm-deploy serve" in unit.read_text()
     # the tarball holds the same tree, links as links, rooted at /
     with tarfile.open(overlay_tar) as t:
         names = t.getnames()
-        assert "opt/tvmbundle/current" in names and t.getmember("opt/tvmbundle/current").issym()
+        current_name = "opt/tvmbundle/bundles/convnet/current"
+        assert current_name in names and t.getmember(current_name).issym()
         assert all(not n.startswith("/") for n in names)
     # the unit checks out against the tree with the host's systemd units beside it
     root = tmp_path / "root"
     shutil.copytree(tree, root, symlinks=True)
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
-    res2 = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "/etc/systemd/system/tvmbundle.service"],
+    res2 = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "/etc/systemd/system/tvmbundle@convnet.service"],
                           capture_output=True, text=True)
     assert res2.returncode == 0 and res2.stderr == "", res2.stderr
     # and the release in it runs

@@ -72,7 +72,7 @@ def pi(dev, **kw) -> Target:
 
 
 def nothing_installed(dev, user: str = "pi", prefix: str = "/opt/tvmbundle") -> bool:
-    return (not dev.exists(prefix) and not dev.exists("/etc/systemd/system/tvmbundle.service")
+    return (not dev.exists(prefix) and not dev.exists("/etc/systemd/system/tvmbundle@net.service")
             and not dev.exists(f"{dev.home(user)}/.cache/tvmbundle"))
 
 
@@ -86,19 +86,20 @@ def test_first_install_update_rollback_as_pi_with_sudo(devices, bundles):
     assert first.round_trips["sh"] <= 5, first.round_trips
     assert serving(dev, bundles["a"])
     # the real systemd runs the hardened unit, as a dynamic user; the release is the login user's
-    props = dev.sh("systemctl show -p ActiveState -p DynamicUser -p MainPID tvmbundle.service").stdout
+    props = dev.sh("systemctl show -p ActiveState -p DynamicUser -p MainPID tvmbundle@net.service").stdout
     assert "ActiveState=active" in props and "DynamicUser=yes" in props
     pid = next(line.split("=")[1] for line in props.splitlines() if line.startswith("MainPID="))
     uid = int(dev.sh(f"stat -c %u /proc/{pid}").stdout)
     assert uid not in (0, int(dev.sh("id -u pi").stdout))
-    assert dev.sh("stat -c %U /opt/tvmbundle/releases").stdout.strip() == "pi"
-    assert dev.sh("stat -c %U /etc/systemd/system/tvmbundle.service").stdout.strip() == "root"
+    assert dev.sh("stat -c %U /opt/tvmbundle/bundles/net/releases").stdout.strip() == "pi"
+    assert dev.sh("stat -c %U /etc/systemd/system/tvmbundle@net.service").stdout.strip() == "root"
     # the hardened unit as the device's own systemd rates it
-    sec = dev.sh("systemd-analyze security --no-pager tvmbundle.service").stdout
-    assert float(sec.rsplit("Overall exposure level for tvmbundle.service:", 1)[1].split()[0]) <= 2.5, sec[-500:]
+    sec = dev.sh("systemd-analyze security --no-pager tvmbundle@net.service").stdout
+    assert float(sec.rsplit("Overall exposure level for tvmbundle@net.service:", 1)[1].split()[0]) <= 2.5, sec[-500:]
 
-    st = status(t)
+    (st,) = status(t)
     assert st.current == manifest(bundles["a"])["bundle_id"] and st.healthy and st.service == "active"
+    assert (st.name, st.unit, st.legacy) == ("net", "tvmbundle@net.service", False)
     m = manifest(bundles["a"])
     out = Client(dev.service_url).infer([np.zeros(m["model"]["inputs"][0]["shape"], np.float32)])
     assert out[0].shape == (1, 10)
@@ -157,7 +158,7 @@ def test_health_gate_failure_rolls_back_and_the_previous_release_serves(devices,
     # Hold the service's address so the new release's service cannot listen: it never becomes healthy.
     import socket
 
-    assert dev.systemctl("stop", "tvmbundle.service") == 0
+    assert dev.systemctl("stop", "tvmbundle@net.service") == 0
     blocker = socket.socket()
     blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     blocker.bind((dev.host, dev.service_port))
@@ -261,8 +262,8 @@ def test_crafted_manifest_paths_are_refused_on_host_and_device(devices, bundles,
             deploy_unchecked(top, m, t, monkeypatch, manifest(bundles["a"]))
         assert e.value.step == "install" and f"'{path}'" in e.value.problem and why in e.value.problem
         assert not dev.exists("/tmp/x") and not dev.exists("/opt/tmp/x") and not dev.exists("/opt/tvmbundle/tmp")
-        assert not dev.exists(f"/opt/tvmbundle/releases/{name * 64}")
-        assert not dev.exists(f"/opt/tvmbundle/releases/{name * 64}.partial")
+        assert not dev.exists(f"/opt/tvmbundle/bundles/net/releases/{name * 64}")
+        assert not dev.exists(f"/opt/tvmbundle/bundles/net/releases/{name * 64}.partial")
         assert current_id(dev) == a_id and serving(dev, bundles["a"])
 
 
@@ -284,21 +285,21 @@ def test_shell_metacharacters_in_user_values_run_nothing(devices, bundles, tmp_p
     assert code == 2 and "is not allowed" in err
     # 2. past the host's checks they reach the device only as argv elements or quoted: a whole deploy,
     #    status and rollback with them run nothing extra (systemd reads such a prefix literally). The
-    #    name reaches the device only inside files; the service itself cannot serve such a name (its
-    #    URL path), so the release that serves has the bundle's own name.
+    #    name picks the bundle's folder and unit on the device, whose agent refuses it before anything
+    #    is written under the prefix.
     dev.serve_from(prefix)
     t = pi(dev, prefix=prefix)
     with pytest.raises(DeployError) as e:
         deploy_unchecked(top, m, t, monkeypatch, manifest(bundles["a"]), health_timeout=3)
-    assert e.value.step == "health"
-    assert json.loads(dev.path(f"{prefix}/releases/{m['bundle_id']}/manifest.json").read_text())["name"] == name
+    assert e.value.step == "preflight" and "--name: " in e.value.problem and "is not allowed" in e.value.problem
+    assert not dev.exists(prefix)
     plain = bundle_mod.extract(bundles["a"], tmp_path / "plain")
     deploy_unchecked(plain, manifest(bundles["a"]), t, monkeypatch, manifest(bundles["a"]))
     assert serving(dev, bundles["a"])
     with monkeypatch.context() as mp:
         mp.setattr(release, "check_prefix", lambda p: p)
-        st = status(t)
-        assert st.healthy and st.current == manifest(bundles["a"])["bundle_id"]
+        (st,) = status(t)
+        assert st.healthy and st.current == manifest(bundles["a"])["bundle_id"] and st.name == "net"
         with pytest.raises(DeployError) as e:
             rollback(t, to="$(touch /tmp/pwned-to);`touch /tmp/pwned-to`")
         assert "matches 0 kept releases" in e.value.problem
@@ -390,9 +391,9 @@ def test_sshd_killed_mid_upload_then_redeploy_finishes(tmp_path, bundles):
         assert e.value.step == "upload"
         # the device comes back: its previous release is still current, and it serves once restarted
         dev.start()
-        link = dev.prefix / "current"
+        link = dev.prefix / "bundles" / "net" / "current"
         assert link.readlink().name == manifest(bundles["a"])["bundle_id"]
-        assert dev.systemctl("restart", "tvmbundle.service") == 0
+        assert dev.systemctl("restart", "tvmbundle@net.service") == 0
         c = Client(dev.service_url, timeout=5)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not c.healthy():
@@ -408,20 +409,26 @@ def test_device_commands_answer_in_json(devices, bundles):
     (dev,) = devices.add(1)
     deploy(bundles["a"], pi(dev))
     deploy(bundles["b"], pi(dev))
-    exe = "/opt/tvmbundle/current/bin/tvm-deploy"
+    exe = "/opt/tvmbundle/bundles/net/current/bin/tvm-deploy"
     a_only = {f["sha256"] for f in manifest(bundles["a"])["files"]} - {f["sha256"] for f in manifest(bundles["b"])["files"]}
     with Remote(pi(dev)) as r:
-        survey = json.loads(r.run([exe, "survey", "--prefix", "/opt/tvmbundle", "--sudo"], "t").out)
+        survey = json.loads(r.run([exe, "survey", "--prefix", "/opt/tvmbundle", "--name", "net", "--sudo"], "t").out)
         assert survey["ok"] and survey["arch"] == "x86_64" and survey["sudo"]["ok"] and survey["prefix"]["writable"]
         assert survey["current"] == manifest(bundles["b"])["bundle_id"]
         assert survey["releases"] == [manifest(bundles["b"])["bundle_id"], manifest(bundles["a"])["bundle_id"]]
+        assert survey["bundles"] == [{"name": "net", "unit": "tvmbundle@net.service", "current": survey["current"],
+                                      "listen": manifest(bundles["b"])["service"]["listen"]}]
+        assert survey["legacy"] is None
         # gc keeps the current release and removes the other with the store files only it used
-        gc = json.loads(r.run([exe, "gc", "--prefix", "/opt/tvmbundle", "--keep", "1"], "t").out)
+        gc = json.loads(r.run([exe, "gc", "--prefix", "/opt/tvmbundle", "--name", "net", "--keep", "1"], "t").out)
         assert gc["ok"] and gc["gc"]["removed_releases"] == [manifest(bundles["a"])["bundle_id"]]
         assert gc["gc"]["removed_files"] == len(a_only)
         assert not any(dev.exists(f"/opt/tvmbundle/store/sha256/{h}") for h in a_only)
-        bad = r.run([exe, "activate", "--prefix", "/opt/tvmbundle", "--release", "../../etc"], "t", check=False)
+        bad = r.run([exe, "activate", "--prefix", "/opt/tvmbundle", "--name", "net", "--release", "../../etc"], "t",
+                    check=False)
         assert bad.code == 1 and json.loads(bad.out)["ok"] is False
+        bad = r.run([exe, "status", "--prefix", "/opt/tvmbundle", "--name", "../net"], "t", check=False)
+        assert bad.code == 2 and "--name: '../net' is not allowed" in bad.err
         usage = r.run([exe, "install", "--prefix", "/opt/tvmbundle", "--bogus"], "t", check=False)
         assert usage.code == 2 and "unknown argument '--bogus'" in usage.err
     assert serving(dev, bundles["b"])
@@ -492,7 +499,7 @@ def test_signed_release_from_a_trusted_key_installs_and_reports_its_signer(devic
     assert done.signed and done.signed_by == fingerprint(sigkeys["a"])
     assert serving(dev, bundles["b"])
     b_id = manifest(bundles["b"])["bundle_id"]
-    assert dev.path(f"/opt/tvmbundle/releases/{b_id}/manifest.json.sig").read_bytes() == \
+    assert dev.path(f"/opt/tvmbundle/bundles/net/releases/{b_id}/manifest.json.sig").read_bytes() == \
         bundle_mod.extract(b_signed, tmp_path / "peek").joinpath("manifest.json.sig").read_bytes()
     # the CLI prints the signer; --list shows the trusted keys
     conn = ["--host", f"pi@{dev.host}:{dev.port}", "--identity", str(dev.key), "--known-hosts", str(dev.known_hosts),
@@ -551,7 +558,7 @@ def test_device_refuses_releases_not_signed_by_a_trusted_key(devices, bundles, s
         assert e.value.step == "signature", (case, e.value)
         assert problem in e.value.problem and "nothing was installed" in e.value.problem, (case, e.value.problem)
         # nothing was stored: no release, none of its files in the store, staging empty
-        assert not dev.exists(f"/opt/tvmbundle/releases/{b_id}") and not dev.exists(f"/opt/tvmbundle/releases/{b_id}.partial")
+        assert not dev.exists(f"/opt/tvmbundle/bundles/net/releases/{b_id}") and not dev.exists(f"/opt/tvmbundle/bundles/net/releases/{b_id}.partial")
         assert not any(dev.exists(f"/opt/tvmbundle/store/sha256/{h}") for h in b_only), case
         assert not dev.sh("ls -A /opt/tvmbundle/staging").stdout.split(), case
         assert current_id(dev) == a_id and serving(dev, bundles["a"]), case
@@ -588,10 +595,11 @@ def test_rotation_and_revocation_refuse_the_revoked_keys_releases_even_on_rollba
     # one, or one the login user could write, is refused too
     dev.sh(f"printf 'tvmbundle namespaces=\"tvmbundle-manifest\" %s\\n' '{pub(sigkeys['a'])}' > /home/pi/mine; "
            "chown pi: /home/pi/mine", check=True)
-    exe = f"/opt/tvmbundle/releases/{b_id}/bin/tvm-deploy"
+    exe = f"/opt/tvmbundle/bundles/net/releases/{b_id}/bin/tvm-deploy"
     with Remote(t) as r:
         for trust_file, why in (("/home/pi/mine", "cannot be trusted"), ("/nonexistent", "No such file")):
-            res = r.run([exe, "activate", "--prefix", "/opt/tvmbundle", "--release", a_id, "--sudo",
+            res = r.run([exe, "activate", "--prefix", "/opt/tvmbundle", "--name", "net", "--release", a_id,
+                         "--sudo",
                          "--trust-file", trust_file], "t", check=False)
             doc = json.loads(res.out)
             assert res.code == 1 and doc["step"] == "signature" and why in doc["error"], doc

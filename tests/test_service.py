@@ -15,8 +15,11 @@ import pytest
 
 from bundler.config import recipe
 from bundler.errors import UserError
-from bundler.package.service import UNIT, is_loopback, render_unit
+from bundler.package import layout
+from bundler.package.service import is_loopback, render_unit
 from tests.bundletools import manifest_data
+
+UNIT = layout.unit_name("net")      # the bundle's instance: manifest_for() names it net
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                 reason="needs systemd-analyze (apt-get install systemd)")
@@ -34,7 +37,7 @@ def manifest_for(board: str, **service) -> dict:
 
 def unit_root(tmp_path: Path, text: str, prefix: str = "/opt/tvmbundle") -> Path:
     root = tmp_path / "root"
-    exe = root / prefix.strip("/") / "current" / "bin" / "tvm-deploy"
+    exe = root / layout.current(prefix, "net").strip("/") / "bin" / "tvm-deploy"
     exe.parent.mkdir(parents=True)
     shutil.copy("/bin/true", exe)
     units = root / "etc" / "systemd" / "system"
@@ -82,7 +85,7 @@ def test_recipe_settings_reach_the_unit(tmp_path):
     text = render_unit(manifest_for("rpi4", listen="127.0.0.1:9000", threads=2, user="vision",
                                     environment={"TVM_BIND_THREADS": "1", "MSG": 'say "100%"'}),
                        prefix="/srv/models")
-    assert "ExecStart=/srv/models/current/bin/tvm-deploy serve --listen 127.0.0.1:9000 --threads 2" in text
+    assert "ExecStart=/srv/models/bundles/net/current/bin/tvm-deploy serve --listen 127.0.0.1:9000 --threads 2" in text
     assert "User=vision" in text and "DynamicUser=yes" in text
     assert 'Environment="TVM_BIND_THREADS=1"' in text
     assert 'Environment="MSG=say \\"100%%\\""' in text

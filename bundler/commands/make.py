@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     s.add_argument("--format", default="tar",
                    help="tar (the bundle); overlay (also a rootfs overlay tree and its tarball for image builds); "
                         "deb (also a Debian package)")
+    s.add_argument("--listen", metavar="HOST:PORT",
+                   help="the address the bundle's service listens on, instead of the recipe's service.listen "
+                        "(each bundle of a device needs its own)")
     s.add_argument("--no-verify", action="store_true", help="skip the verification at the end")
     s.add_argument("--sign", metavar="KEY", help="sign the bundle's manifest with this OpenSSH private key "
                                                  "(devices that trust KEY.pub accept it)")
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                       runtime_source=args.runtime_source,
                       allow_runtime_mismatch=True if args.allow_runtime_mismatch else None,
                       tuned=False if args.no_tuning else (Path(args.tuning_db) if args.tuning_db else True),
-                      reverify=args.reverify, sign=Path(args.sign) if args.sign else None)
+                      reverify=args.reverify, sign=Path(args.sign) if args.sign else None, listen=args.listen)
     report = None
     if args.bench:
         with progress.step(f"benchmark {result.bundle.name} here") as s:

@@ -5,7 +5,7 @@ Where the harness runs:
 * natively here, when the bundle's board is this machine's CPU family (the bundle is unpacked
   into a temporary folder);
 * on a device over SSH (``target``): when the bundle is the device's current release it runs
-  ``PREFIX/current/bin/tvm-deploy``; otherwise the bundle is uploaded into a fresh temporary
+  ``PREFIX/bundles/NAME/current/bin/tvm-deploy``; otherwise the bundle is uploaded into a fresh temporary
   folder on the device, unpacked, run and removed again (nothing under PREFIX is touched);
 * under qemu-user here (``emulate``), for foreign boards: it checks the flow, and the report
   marks its timings as emulated (they mean nothing).
@@ -38,6 +38,7 @@ from bundler.config import recipe as recipe_mod
 from bundler.device.ssh import Remote, Target
 from bundler.errors import DeployError, UserError
 from bundler.package import bundle as bundle_mod
+from bundler.package import layout
 from bundler.package.manifest import Manifest
 from bundler.package.verifier import board_for, harness_argv
 
@@ -214,11 +215,12 @@ def _on_device(bundle: Path, top: Path, manifest: Manifest, target: Target, args
     if problem:
         raise UserError(f"--prefix: {problem}")
     bid = manifest.bundle_id
+    current = layout.current(prefix, manifest.name)
     bench_timeout = max(step_timeout, 600.0, runs * 60.0)
     q = shlex.quote
     with Remote(target, step_timeout=step_timeout) as r:
         facts = dict(line.partition("=")[::2] for line in r.sh(
-            f'echo "arch=$(uname -m)"; echo "current=$(readlink {q(prefix + "/current")} 2>/dev/null)"',
+            f'echo "arch=$(uname -m)"; echo "current=$(readlink {q(current)} 2>/dev/null)"',
             "preflight").out.splitlines())
         arch = facts.get("arch", "").strip()
         if cpu.from_uname(arch) != board.cpu_family:
@@ -226,9 +228,9 @@ def _on_device(bundle: Path, top: Path, manifest: Manifest, target: Target, args
                                                         f"{board.cpu_family} ({board.name}); nothing was run")
         where = f"{target.name} ({arch})"
         if facts.get("current", "").strip().rsplit("/", 1)[-1] == bid:
-            exe = f"{prefix}/current/bin/tvm-deploy"
+            exe = f"{current}/bin/tvm-deploy"
             return _remote_bench(r, exe, args, bench_timeout), where, \
-                f"ran the device's current release ({prefix}/current, {bid[:12]})"
+                f"ran the device's current release ({current}, {bid[:12]})"
         tmp = r.sh('mktemp -d "${TMPDIR:-/tmp}/tvmbundle-bench.XXXXXX"', "upload").out.strip()
         if not tmp.startswith("/"):
             raise DeployError(target.name, "upload", f"mktemp gave no folder ({tmp!r})")

@@ -93,9 +93,22 @@ def rollout(bundle_path: Path | str, hosts: list[Host], *, group: str | None = N
             report_path: Path | None = None, listener: Listener | None = None,
             stop: threading.Event | None = None) -> RolloutReport:
     bundle_path = Path(bundle_path)
+    # Unpacked once for the whole rollout: unpacking it again per host was half the controller's CPU.
     with tempfile.TemporaryDirectory(prefix="tvmbundle-rollout-") as tmp:
         top = bundle_mod.extract(bundle_path, Path(tmp))
         manifest = bundle_mod.load_manifest(top, str(bundle_path))
+        return _rollout(bundle_path, top, manifest, hosts, group=group, canary=canary, batch=batch,
+                        max_failures=max_failures, parallel=parallel, dry_run=dry_run, identity=identity,
+                        known_hosts=known_hosts, accept_new_host_key=accept_new_host_key, sudo=sudo,
+                        unit_dir=unit_dir, keep=keep, health_timeout=health_timeout, step_timeout=step_timeout,
+                        report_path=report_path, listener=listener, stop=stop)
+
+
+def _rollout(bundle_path: Path, top: Path, manifest: Manifest, hosts: list[Host], *, group: str | None,
+             canary: int, batch: str, max_failures: str, parallel: int, dry_run: bool, identity: Path | None,
+             known_hosts: Path | None, accept_new_host_key: bool, sudo: bool | None, unit_dir: str | None,
+             keep: int, health_timeout: float, step_timeout: float, report_path: Path | None,
+             listener: Listener | None, stop: threading.Event | None) -> RolloutReport:
     bid, board = manifest.bundle_id, manifest.board.name
     chosen = [h for h in hosts if group is None or group in h.groups]
     if not chosen:
@@ -147,8 +160,8 @@ def rollout(bundle_path: Path | str, hosts: list[Host], *, group: str | None = N
                         if listener:
                             listener(hr)
 
-                res = release.deploy(bundle_path, target(h), keep=keep, health_timeout=health_timeout,
-                                     step_timeout=step_timeout, hook=hook)
+                res = release.deploy_unpacked(top, manifest, target(h), keep=keep, health_timeout=health_timeout,
+                                              step_timeout=step_timeout, hook=hook)
                 hr.result, hr.uploaded_bytes, hr.previous_id = "ok", res.uploaded_bytes, res.previous_id
         except DeployError as e:
             hr.result, hr.step, hr.error = "failed", e.step, e.problem
@@ -183,7 +196,7 @@ def rollout(bundle_path: Path | str, hosts: list[Host], *, group: str | None = N
             if failures > allowed:
                 report.stopped_reason = (f"{failures} host(s) failed, more than the {allowed} allowed "
                                          f"(--max-failures {max_failures}); wave {i} rolled back")
-                _roll_back_wave(wave, by_name, target, health_timeout, step_timeout, listener)
+                _roll_back_wave(wave, by_name, target, manifest.name, health_timeout, step_timeout, listener)
                 break
             if stop.is_set():
                 report.stopped_reason = "interrupted"
@@ -204,11 +217,11 @@ def rollout(bundle_path: Path | str, hosts: list[Host], *, group: str | None = N
 
 def _already_current(t: Target, manifest: Manifest, step_timeout: float) -> bool:
     """One round trip: the device's `tvm-deploy status` says the bundle is current and healthy."""
-    st = release.status(t, prefix=t.prefix or manifest.install.prefix, step_timeout=step_timeout)
-    return st.current == manifest.bundle_id and st.healthy
+    found = release.status(t, name=manifest.name, prefix=t.prefix or manifest.install.prefix, step_timeout=step_timeout)
+    return any(st.current == manifest.bundle_id and st.healthy and not st.legacy for st in found)
 
 
-def _roll_back_wave(wave: list[Host], by_name: dict[str, HostReport], target, health_timeout: float,
+def _roll_back_wave(wave: list[Host], by_name: dict[str, HostReport], target, name: str, health_timeout: float,
                     step_timeout: float, listener: Listener | None) -> None:
     """Hosts of the failed wave that switched go back to what they ran before."""
     for h in wave:
@@ -216,7 +229,8 @@ def _roll_back_wave(wave: list[Host], by_name: dict[str, HostReport], target, he
         if hr.result != "ok" or not hr.previous_id:
             continue
         try:
-            release.rollback(target(h), to=hr.previous_id, health_timeout=health_timeout, step_timeout=step_timeout)
+            release.rollback(target(h), name=name, to=hr.previous_id, health_timeout=health_timeout,
+                             step_timeout=step_timeout)
             hr.result = "rolled-back"
         except DeployError as e:
             hr.result, hr.step, hr.error = "failed", "rollback", e.problem

@@ -1,13 +1,22 @@
 """Installing a bundle onto a device: atomic switch, health gate, rollback.
 
-Device layout under the install prefix (the same an overlay image lays down)::
+Device layout under the install prefix (bundler.package.layout; the same an overlay image lays down)::
 
-    PREFIX/store/sha256/<hex>        every file ever uploaded, by content: a later bundle sends only
-                                     the files the device lacks (a model-only update sends the model)
-    PREFIX/releases/<bundle id>/     a release: store files hard-linked into the bundle's layout,
-                                     its manifest.json and its own unit (.deploy/<unit>)
-    PREFIX/current -> releases/<id>  the live release, switched with one rename
+    PREFIX/store/sha256/<hex>        every file ever uploaded, by content, shared by every bundle: a later
+                                     bundle sends only the files the device lacks (a model-only update
+                                     sends the model, a second model of the board its own files)
+    PREFIX/bundles/NAME/releases/<id>/   a release of bundle NAME: store files hard-linked into the
+                                     bundle's layout, its manifest.json and its own unit (.deploy/<unit>)
+    PREFIX/bundles/NAME/current -> releases/<id>   NAME's live release, switched with one rename
+    tvmbundle@NAME.service           NAME's service: deploying one bundle never restarts another
     PREFIX/staging/                  uploads in progress (*.part), checked on the device before use
+
+NAME is the manifest's name. A device still in the single-service layout of tvmbundle 0.1
+(PREFIX/releases, PREFIX/current, tvmbundle.service) is upgraded by the first deploy of the bundle
+that layout serves: its releases are adopted (hard-linked into bundles/NAME, each with a unit
+rendered here from its manifest, so a rollback to them works), its service gives way to NAME's
+instance, and it is removed once that instance passed the health gate; until then it is intact.
+A bundle of another name leaves it alone.
 
 What runs on the device is code, not shell snippets: the bundle's own harness
 (``bin/tvm-deploy``) has the subcommands ``survey``, ``prepare``, ``install``,
@@ -19,7 +28,8 @@ first (after a few shell checks that refuse, before anything is sent, a device
 the deploy could not finish on), and later deploys of the same harness find it.
 The only shell left is the line that finds the agent: every value in it is quoted.
 
-A deploy is: survey (one round trip), [prepare], upload of the missing files,
+A deploy is: survey (one round trip; it also lists the device's other bundles, whose listen
+addresses this one must not take), [prepare], upload of the missing files,
 install (check every staged file's SHA-256, assemble the release from store hard
 links, check it, run its selftest), activate (switch ``current``, install the
 release's unit, daemon-reload, restart, health gate, prune). Until the switch
@@ -54,10 +64,10 @@ from bundler.config import cpu, values
 from bundler.device.ssh import Remote, Target
 from bundler.errors import DeployError, UserError
 from bundler.package import bundle as bundle_mod
-from bundler.package import signing
+from bundler.package import layout, signing
 from bundler.package.manifest import MANIFEST, FileEntry, Manifest
 from bundler.package.manifest import agent_id as agent_id_of
-from bundler.package.service import UNIT, render_unit
+from bundler.package.service import is_loopback, render_unit
 from bundler.progress import Progress
 
 MARGIN = 1 << 20   # free space kept beyond what the upload needs
@@ -83,12 +93,36 @@ class DeployResult:
 
 @dataclass
 class DeviceStatus:
+    """One bundle of a device."""
     host: str
     prefix: str
+    name: str | None                 # None: a device with no bundle at all
     current: str | None
     releases: list[dict[str, Any]]
     service: str
     healthy: bool
+    unit: str = ""
+    legacy: bool = False             # in the single-service layout of tvmbundle 0.1
+    health_problem: str = ""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one bundle lives on a device: the prefix and the bundle's name (None: the legacy
+    single-service layout). Every agent call names it the same way."""
+    prefix: str
+    name: str | None
+
+    @property
+    def unit(self) -> str:
+        return layout.unit_name(self.name) if self.name else layout.LEGACY_UNIT
+
+    def args(self) -> list[str]:
+        return ["--prefix", self.prefix, *(["--name", self.name] if self.name else [])]
+
+    def release_dir(self, bundle_id: str) -> str:
+        return (layout.release_dir(self.prefix, self.name, bundle_id) if self.name
+                else f"{self.prefix}/releases/{bundle_id}")
 
 
 def q(s: str) -> str:
@@ -222,7 +256,65 @@ def _facts_from_survey(doc: dict[str, Any]) -> dict[str, Any]:
         "sudo_ok": sudo.get("ok", False), "sudo_problem": sudo.get("problem", ""),
         "prepared": doc.get("prepared", False), "current": doc.get("current"), "have": set(doc.get("have", [])),
         "trust": doc.get("trust"),      # None: a harness from before on-device signature checks
+        "bundles": doc.get("bundles", []), "legacy": doc.get("legacy"),
     }
+
+
+def _port_of(listen: str) -> tuple[str, str]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), port
+
+
+def _same_socket(a: str, b: str) -> bool:
+    """Whether two services listening on ``a`` and ``b`` (HOST:PORT) would collide: the same port on
+    the same address, or on a wildcard address and any other."""
+    (ha, pa), (hb, pb) = _port_of(a), _port_of(b)
+    if pa != pb:
+        return False
+    wild = ("0.0.0.0", "::", "")
+    return ha == hb or ha in wild or hb in wild or (is_loopback(ha) and is_loopback(hb) and
+                                                    {ha, hb} <= {"localhost", "127.0.0.1", "::1"})
+
+
+def _check_listen(target: Target, manifest: Manifest, facts: dict[str, Any]) -> None:
+    """Refuse, before anything is sent, a bundle whose service would take another bundle's address."""
+    mine = manifest.service.listen
+    others = [(b["name"], b.get("unit") or layout.unit_name(b["name"]), b.get("listen") or "")
+              for b in facts.get("bundles", []) if b.get("name") != manifest.name and b.get("current")]
+    legacy = facts.get("legacy")
+    if legacy and legacy.get("current") and legacy.get("name") != manifest.name:
+        others.append((legacy.get("name") or "?", layout.LEGACY_UNIT, legacy.get("listen") or ""))
+    for other, unit, listen in others:
+        if listen and _same_socket(mine, listen):
+            raise DeployError(target.name, "preflight",
+                              f"bundle {manifest.name!r} listens on {mine}, which bundle {other!r} ({unit}) "
+                              "already serves on this device; nothing was sent",
+                              hint=f"give one of them its own address: tvmbundle make ... --listen HOST:PORT "
+                                   f"(or [service] listen in the recipe), e.g. {_port_of(mine)[0] or '127.0.0.1'}:"
+                                   f"{int(_port_of(mine)[1] or 8470) + 1}")
+
+
+def _legacy_to_adopt(target: Target, manifest: Manifest, prefix: str, facts: dict[str, Any]) -> dict[str, str]:
+    """The releases of the single-service layout a deploy of this bundle takes over (when that layout
+    serves this bundle's name), each with its unit of the new layout, rendered from its own manifest."""
+    legacy = facts.get("legacy")
+    if not legacy or legacy.get("name") != manifest.name:
+        return {}
+    units = {}
+    for rel in legacy.get("releases", []):
+        if rel.get("name") != manifest.name or "manifest" not in rel:
+            continue
+        try:
+            old = Manifest.from_json(json.loads(rel["manifest"]), f"{prefix}/releases/{rel['id']}/manifest.json")
+            units[rel["id"]] = render_unit(old, prefix)
+        except (UserError, ValueError) as e:
+            if rel["id"] == legacy.get("current"):
+                raise DeployError(target.name, "preflight",
+                                  f"the device serves {manifest.name!r} from the single-service layout of an older "
+                                  f"tvmbundle, and its current release's manifest cannot be read here ({e}); "
+                                  "nothing was sent") from None
+            continue            # an older kept release that cannot come back: pruned with the legacy layout
+    return units
 
 
 def _facts_from_shell(out: str) -> dict[str, Any]:
@@ -301,12 +393,19 @@ def deploy(bundle_path: Path | str, target: Target, *, keep: int = 3, health_tim
         return _deploy(top, manifest, target, keep, health_timeout, step_timeout, progress, hook)
 
 
+def deploy_unpacked(top: Path, manifest: Manifest, target: Target, *, keep: int = 3, health_timeout: float = 30.0,
+                    step_timeout: float = 60.0, progress: Progress | None = None,
+                    hook: Hook | None = None) -> DeployResult:
+    """:func:`deploy` of a bundle already unpacked at ``top`` (a rollout unpacks it once for every host)."""
+    return _deploy(top, manifest, target, keep, health_timeout, step_timeout, progress or Progress(quiet=True), hook)
+
+
 def _deploy(top: Path, manifest: Manifest, target: Target, keep: int, health_timeout: float,
             step_timeout: float, progress: Progress, hook: Hook | None) -> DeployResult:
     check_manifest(manifest, target.name)            # before anything is read from the bundle or sent
     bid = manifest.bundle_id
     prefix = _prefix_of(target, manifest)
-    unit = UNIT
+    slot = Slot(prefix, manifest.name)
     result = DeployResult(target.name, bid, None)
     step = _Steps(result, progress, hook, target.name)
     files = list(manifest.files)
@@ -320,19 +419,19 @@ def _deploy(top: Path, manifest: Manifest, target: Target, keep: int, health_tim
         r.open()
     try:
         with r:
-            _deploy_on(r, top, manifest, target, prefix, unit, files, agent_files, agent_id, sudo, keep,
+            _deploy_on(r, top, manifest, target, slot, files, agent_files, agent_id, sudo, keep,
                        health_timeout, step_timeout, result, step, hook)
     finally:
         result.round_trips = dict(r.calls)
     return result
 
 
-def _deploy_on(r: Remote, top: Path, manifest: Manifest, target: Target, prefix: str, unit: str,
+def _deploy_on(r: Remote, top: Path, manifest: Manifest, target: Target, slot: Slot,
                files: list[FileEntry], agent_files: list[FileEntry], agent_id: str, sudo: list[str],
                keep: int, health_timeout: float, step_timeout: float, result: DeployResult, step, hook) -> None:
-    bid = manifest.bundle_id
+    bid, prefix, unit = manifest.bundle_id, slot.prefix, slot.unit
     want = sorted({f.sha256 for f in files})
-    survey_args = ["--prefix", prefix, "--unit-dir", target.unit_dir, *sudo, *(a for s in want for a in ("--want", s))]
+    survey_args = [*slot.args(), "--unit-dir", target.unit_dir, *sudo, *(a for s in want for a in ("--want", s))]
     setup = f"A={AGENT_HOME}{q(agent_id)}; "
     agent = _Agent(r, '"$A/bin/tvm-deploy"', setup)
     with step("preflight") as s:
@@ -349,11 +448,14 @@ def _deploy_on(r: Remote, top: Path, manifest: Manifest, target: Target, prefix:
         missing = {f.sha256: f for f in files if f.sha256 not in facts["have"]}
         need = sum(f.size for f in missing.values())
         have_systemd = _preflight(target, manifest, prefix, facts, need, result)
+        _check_listen(target, manifest, facts)
+        adopt = _legacy_to_adopt(target, manifest, prefix, facts)
         result.skipped_bytes = sum(f.size for f in files if f.sha256 in facts["have"])
-        result.previous_id = facts["current"]
-        s.done(detail=f"{len(missing)} of {len(files)} files to send ({need} bytes)")
+        result.previous_id = facts["current"] or (facts["legacy"]["current"] if adopt else None)
+        s.done(detail=f"{len(missing)} of {len(files)} files to send ({need} bytes)"
+                      + (f"; takes over {len(adopt)} release(s) of the single-service layout" if adopt else ""))
     if not facts["prepared"]:
-        agent.call("prepare", ["--prefix", prefix, *sudo], "prepare")
+        agent.call("prepare", [*slot.args(), *sudo], "prepare")
     agent_shas = {f.sha256 for f in agent_files}
     with step("upload") as s:
         # The agent's files reach the store from the agent folder (install --from): not sent twice.
@@ -362,6 +464,8 @@ def _deploy_on(r: Remote, top: Path, manifest: Manifest, target: Target, prefix:
         staged_unit = f"{prefix}/staging/{bid}.{unit}"
         r.write_text((top / MANIFEST).read_text(), staged_manifest, "upload")   # its own bytes: a signature holds
         r.write_text(render_unit(manifest, prefix), staged_unit, "upload")
+        for old_id, text in adopt.items():
+            r.write_text(text, f"{prefix}/staging/{old_id}.{unit}", "upload")
         sig_args: list[str] = []
         if (top / signing.SIGNATURE).is_file():
             if facts.get("trust") is None:
@@ -375,7 +479,7 @@ def _deploy_on(r: Remote, top: Path, manifest: Manifest, target: Target, prefix:
         s.done(detail=f"{result.uploaded_bytes} bytes sent, {result.skipped_bytes} already there")
     with step("install"):
         try:
-            done = agent.call("install", ["--prefix", prefix, "--manifest", staged_manifest, "--unit", staged_unit,
+            done = agent.call("install", [*slot.args(), "--manifest", staged_manifest, "--unit", staged_unit,
                                           *sig_args, "--selftest"], "install", timeout=max(step_timeout, 300),
                               tail=' --from "$A"')
         except DeployError:
@@ -385,15 +489,16 @@ def _deploy_on(r: Remote, top: Path, manifest: Manifest, target: Target, prefix:
     if result.previous_id == bid:
         result.warnings.append("this release was already current; restarting it")
     with step("activate"):
-        args = ["--prefix", prefix, "--release", bid, "--unit-dir", target.unit_dir, "--unit", unit, *sudo,
+        args = [*slot.args(), "--release", bid, "--unit-dir", target.unit_dir, "--unit", unit, *sudo,
                 "--health-timeout", f"{health_timeout:g}", "--keep", str(max(1, keep))]
         if result.previous_id:
             args += ["--protect", result.previous_id]
+        args += [a for old_id in adopt for a in ("--adopt", old_id)]
         try:
             done = agent.call("activate", args, "activate", timeout=health_timeout + max(step_timeout, 60))
         except DeployError as failure:
             if failure.step in ("restart", "health", "activate"):
-                _roll_back_after(r, target, prefix, unit, result.previous_id, health_timeout, failure, sudo, agent)
+                _roll_back_after(r, target, slot, result.previous_id, health_timeout, failure, sudo, agent)
             raise
         result.warnings += done.get("warnings", [])
         if not have_systemd and not done.get("warnings"):
@@ -465,14 +570,14 @@ def _clean_staging(r: Remote, prefix: str) -> None:
             pass
 
 
-def _roll_back_after(r: Remote, target: Target, prefix: str, unit: str, previous: str | None,
+def _roll_back_after(r: Remote, target: Target, slot: Slot, previous: str | None,
                      health_timeout: float, failure: DeployError, sudo: list[str], fallback: _Agent) -> None:
     try:
-        args = ["--prefix", prefix, "--release", previous or "none", "--unit-dir", target.unit_dir, "--unit", unit,
+        args = [*slot.args(), "--release", previous or "none", "--unit-dir", target.unit_dir, "--unit", slot.unit,
                 *sudo, "--health-timeout", f"{health_timeout:g}"]
-        # The previous release's own harness switches back to it (it has the subcommands when it
-        # was installed by this tvmbundle); the new agent otherwise.
-        agent = _release_agent(r, prefix, previous) if previous else fallback
+        # The previous release's own harness switches back to it (when it knows this layout); the new
+        # agent otherwise.
+        agent = _release_agent(r, slot, previous) if previous else fallback
         try:
             done = agent.call("activate", args, "rollback", timeout=health_timeout + 60)
             ok = done.get("healthy", True)
@@ -489,46 +594,88 @@ def _roll_back_after(r: Remote, target: Target, prefix: str, unit: str, previous
     raise DeployError(target.name, failure.step, f"{failure.problem}; {state}", hint=failure.hint)
 
 
-def _release_agent(r: Remote, prefix: str, release: str) -> _Agent:
-    """A release's own harness, or (a release installed before the harness had the device commands)
-    any agent the login user has."""
-    own = q(f"{prefix}/releases/{release}/bin/tvm-deploy")
-    setup = (f"A={own}; if ! \"$A\" --help 2>/dev/null | grep -q ' survey '; then for a in "
-             f"{AGENT_HOME}*/bin/tvm-deploy; do [ -x \"$a\" ] && A=$a; done; fi; ")
+# A harness that has the device commands of this layout says so in its --help.
+_CAPABLE = "grep -q -- '--name N'"
+
+
+def _release_agent(r: Remote, slot: Slot, release: str) -> _Agent:
+    """A release's own harness, or (a release installed by an older tvmbundle, whose harness lacks the
+    device commands of this layout) the newest agent of the login user that has them."""
+    own = q(f"{slot.release_dir(release)}/bin/tvm-deploy")
+    setup = (f"A={own}; if ! \"$A\" --help 2>/dev/null | {_CAPABLE}; then for a in "
+             f"$(ls -t {AGENT_HOME}*/bin/tvm-deploy 2>/dev/null); do if \"$a\" --help 2>/dev/null | {_CAPABLE}; "
+             "then A=$a; break; fi; done; fi; ")
     return _Agent(r, '"$A"', setup)
 
 
 def _any_agent(prefix: str) -> str:
-    """Shell lines that find a harness with the device commands: the current release's, else the newest
-    agent of the login user; the caller runs `"$A" ...`."""
-    cur = q(f"{prefix}/current/bin/tvm-deploy")
-    return (f"A={cur}; if ! [ -x \"$A\" ] || ! \"$A\" --help 2>/dev/null | grep -q ' survey '; then A=; "
-            f"for a in $(ls -t {AGENT_HOME}*/bin/tvm-deploy 2>/dev/null); do A=$a; break; done; fi; "
+    """Shell lines that find a harness with the device commands: the login user's newest agent, else a
+    current release's (a device updated by Ansible or Mender has no agent folder), else the legacy
+    layout's (an older harness: it answers for that layout only); the caller runs `"$A" ...`."""
+    bundles = f"{q(prefix)}/bundles/*/current/bin/tvm-deploy"
+    legacy = q(f"{prefix}/current/bin/tvm-deploy")
+    return (f"A=; for a in $(ls -t {AGENT_HOME}*/bin/tvm-deploy 2>/dev/null) {bundles}; do "
+            f"if [ -x \"$a\" ] && \"$a\" --help 2>/dev/null | {_CAPABLE}; then A=$a; break; fi; done; "
+            f"if [ -z \"$A\" ] && [ -x {legacy} ] && {legacy} --help 2>/dev/null | grep -q ' survey '; then A={legacy}; fi; "
             'if [ -z "$A" ]; then echo \'{"ok": true, "command": "none", "no_agent": true}\'; exit 0; fi; ')
 
 
 # --- status and rollback ------------------------------------------------------------------
 
-def status(target: Target, *, prefix: str | None = None, step_timeout: float = 30.0) -> DeviceStatus:
+def _statuses(target: Target, prefix: str, doc: dict[str, Any]) -> list[DeviceStatus]:
+    def one(b: dict[str, Any], name: str | None, legacy: bool) -> DeviceStatus:
+        return DeviceStatus(target.name, prefix, name, b.get("current"), b.get("releases", []),
+                            b.get("service", "unknown"), bool(b.get("healthy")),
+                            unit=b.get("unit") or (layout.LEGACY_UNIT if legacy else layout.unit_name(name or "")),
+                            legacy=legacy, health_problem=b.get("health_problem", ""))
+
+    if doc.get("no_agent"):
+        return []
+    if "bundles" not in doc:        # an older harness: the single-service layout only
+        names = {x.get("name") for x in doc.get("releases", []) if x.get("current")}
+        return [one(doc, next(iter(names), None), True)] if doc.get("releases") else []
+    return [one(b, b.get("name"), b.get("layout") == "legacy") for b in doc["bundles"]]
+
+
+def status(target: Target, *, name: str | None = None, prefix: str | None = None,
+           step_timeout: float = 30.0) -> list[DeviceStatus]:
+    """The device's bundles (or the one named), each with its releases, service state and health; one
+    round trip."""
     prefix = check_prefix(prefix or target.prefix or "/opt/tvmbundle")
     with Remote(target, step_timeout=step_timeout) as r:
-        doc = _Agent(r, '"$A"', _any_agent(prefix)).call("status", ["--prefix", prefix, "--unit", UNIT], "status")
-    if doc.get("no_agent"):
-        return DeviceStatus(target.name, prefix, None, [], "unknown", False)
-    return DeviceStatus(target.name, prefix, doc.get("current"), doc.get("releases", []), doc.get("service", "unknown"),
-                        bool(doc.get("healthy")))
+        doc = _Agent(r, '"$A"', _any_agent(prefix)).call("status", ["--prefix", prefix], "status")
+    found = _statuses(target, prefix, doc)
+    return [st for st in found if st.name == name] if name else found
 
 
-def rollback(target: Target, *, to: str | None = None, prefix: str | None = None, health_timeout: float = 30.0,
-             step_timeout: float = 60.0, progress: Progress | None = None) -> DeployResult:
-    """Switch back to the newest kept release other than the current one (or to ``to``)."""
+def _pick(target: Target, found: list[DeviceStatus], name: str | None, step: str) -> DeviceStatus:
+    names = ", ".join(sorted(f"{st.name}" for st in found)) or "none"
+    if name:
+        hits = [st for st in found if st.name == name]
+        if not hits:
+            raise DeployError(target.name, step, f"no bundle {name!r} on the device; it has: {names}")
+        return next((st for st in hits if not st.legacy), hits[0])
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise DeployError(target.name, step, "no bundle is installed on the device")
+    raise DeployError(target.name, step, f"the device has {len(found)} bundles ({names}): say which with --name")
+
+
+def rollback(target: Target, *, name: str | None = None, to: str | None = None, prefix: str | None = None,
+             health_timeout: float = 30.0, step_timeout: float = 60.0,
+             progress: Progress | None = None) -> DeployResult:
+    """Switch bundle ``name`` (needed when the device has several) back to the newest kept release other
+    than the current one (or to ``to``); its own unit comes back with it. Other bundles are not touched."""
     progress = progress or Progress(quiet=True)
     prefix = check_prefix(prefix or target.prefix or "/opt/tvmbundle")
     sudo = ["--sudo"] if target.sudo else []
     with Remote(target, step_timeout=step_timeout) as r:
-        doc = _Agent(r, '"$A"', _any_agent(prefix)).call("status", ["--prefix", prefix, "--unit", UNIT], "rollback")
-        current = doc.get("current")
-        listing = [x["id"] for x in doc.get("releases", [])]
+        doc = _Agent(r, '"$A"', _any_agent(prefix)).call("status", ["--prefix", prefix], "rollback")
+        st = _pick(target, _statuses(target, prefix, doc), name, "rollback")
+        slot = Slot(prefix, None if st.legacy else st.name)
+        current = st.current
+        listing = [x["id"] for x in st.releases]
         candidates = [x for x in listing if x != current]
         if to:
             matches = [x for x in listing if x.startswith(to)]
@@ -542,16 +689,16 @@ def rollback(target: Target, *, to: str | None = None, prefix: str | None = None
             chosen = candidates[0]
         result = DeployResult(target.name, chosen, current)
         step = _Steps(result, progress, None, target.name)
-        args = ["--prefix", prefix, "--release", chosen, "--unit-dir", target.unit_dir, "--unit", UNIT, *sudo,
+        args = [*slot.args(), "--release", chosen, "--unit-dir", target.unit_dir, "--unit", slot.unit, *sudo,
                 "--health-timeout", f"{health_timeout:g}"]
         with step("activate"):
             try:
-                done = _release_agent(r, prefix, chosen).call("activate", args, "switch", timeout=health_timeout + 60)
+                done = _release_agent(r, slot, chosen).call("activate", args, "switch", timeout=health_timeout + 60)
                 result.signed, result.signed_by = bool(done.get("signed")), done.get("signed_by")
             except DeployError as failure:
                 if failure.step in ("restart", "health"):
-                    fallback = _release_agent(r, prefix, current or chosen)
-                    _roll_back_after(r, target, prefix, UNIT, current, health_timeout, failure, sudo, fallback)
+                    fallback = _release_agent(r, slot, current or chosen)
+                    _roll_back_after(r, target, slot, current, health_timeout, failure, sudo, fallback)
                 raise
         result.round_trips = dict(r.calls)
     return result

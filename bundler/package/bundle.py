@@ -23,13 +23,13 @@ from typing import Any
 
 from bundler import cache
 from bundler.errors import UserError
-from bundler.package import archive
+from bundler.package import archive, layout
 from bundler.package.manifest import (
     MANIFEST,
     FileEntry,
     Manifest,
 )
-from bundler.package.service import UNIT, render_unit
+from bundler.package.service import render_unit
 
 DEFAULT_EPOCH = 315532800  # 1980-01-01T00:00:00Z, the oldest time zip (and so wheels) can store
 FORMATS = ("tar", "overlay", "deb")
@@ -114,19 +114,21 @@ def write_tarball(staging: Path, top: str | None, out: Path, epoch: int) -> None
 def write_overlay(release: Path, manifest: Manifest, tree: Path) -> None:
     """A rootfs overlay in ``tree``: lay it onto / and the service runs at the next boot.
 
-    PREFIX/releases/<bundle id>/ holds the release, PREFIX/current points at it (the same
-    layout `tvmbundle deploy` keeps on a device, so a later deploy takes over an imaged
-    board), and the unit is enabled by its multi-user.target.wants link, without systemctl.
+    The bundle's own folder of the device layout (bundler.package.layout): PREFIX/bundles/NAME/
+    releases/<bundle id>/ holds the release, PREFIX/bundles/NAME/current points at it, and the unit
+    tvmbundle@NAME.service is enabled by its multi-user.target.wants link, without systemctl. It is
+    the layout `tvmbundle deploy` keeps, so a later deploy takes over an imaged board; the overlays of
+    several bundles laid onto one image share nothing but folders (the store is deploy's alone).
     """
-    prefix = manifest.install.prefix.strip("/")
-    rel_dir = tree / prefix / "releases" / manifest.bundle_id
-    shutil.copytree(release, rel_dir, symlinks=True)
-    os.symlink(f"releases/{manifest.bundle_id}", tree / prefix / "current")
-    units = tree / "etc" / "systemd" / "system"
-    (units / "multi-user.target.wants").mkdir(parents=True)
-    (units / UNIT).write_text(render_unit(manifest))
-    (units / UNIT).chmod(0o644)
-    os.symlink(f"../{UNIT}", units / "multi-user.target.wants" / UNIT)
+    name, prefix, bid = manifest.name, manifest.install.prefix, manifest.bundle_id
+    shutil.copytree(release, tree / layout.release_dir(prefix, name, bid).lstrip("/"), symlinks=True)
+    os.symlink(layout.current_target(bid), tree / layout.current(prefix, name).lstrip("/"))
+    units = tree / layout.UNIT_DIR.lstrip("/")
+    unit = layout.unit_name(name)
+    (units / "multi-user.target.wants").mkdir(parents=True, exist_ok=True)
+    (units / unit).write_text(render_unit(manifest))
+    (units / unit).chmod(0o644)
+    os.symlink(f"../{unit}", units / "multi-user.target.wants" / unit)
 
 
 def _info(name: str, kind: bytes, mode: int, size: int, epoch: int) -> tarfile.TarInfo:

@@ -1,17 +1,22 @@
 """A bundle as a Debian package (`make --format deb`), for Debian and Raspberry Pi OS images and apt.
 
-The package installs the release where `deploy` and the overlay put it
-(PREFIX/releases/<bundle id>, PREFIX/current), and the unit as
-/lib/systemd/system/tvmbundle.service.  Its maintainer scripts enable the unit
-with the multi-user.target.wants link (which works in an image build with no
-systemd running, and honours DPKG_ROOT), and (re)start it only where systemd
-runs.  The unit uses DynamicUser, so there is no service user to create or
-remove.  All bundle packages provide and conflict with `tvmbundle-service`:
-one board runs one bundle service.
+The package installs the bundle's own folder of the device layout (bundler.package.layout), where
+`deploy` and the overlay put it: PREFIX/bundles/NAME/releases/<bundle id>, PREFIX/bundles/NAME/current,
+and its unit as /lib/systemd/system/tvmbundle@NAME.service.  Its maintainer scripts enable that
+instance with its multi-user.target.wants link (which works in an image build with no systemd
+running, and honours DPKG_ROOT), and (re)start or stop it only where systemd runs.  The unit uses
+DynamicUser, so there is no service user to create or remove.
+
+A device runs several bundles (a detector and a recognizer): each bundle name is its own package
+(tvmbundle-NAME) whose files are all below its own folder or named after it, so the packages of
+two bundles install side by side.  The shared content-addressed store is deploy's, never in a
+package; purging a package removes its bundle's folder and leaves the store, staging and the prefix
+to the last bundle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -20,18 +25,34 @@ from pathlib import Path
 
 from bundler import proc
 from bundler.config import cpu
+from bundler.package import layout
 from bundler.package.manifest import Manifest
-from bundler.package.service import UNIT, render_unit
+from bundler.package.service import render_unit
+
+SYSTEM_UNITS = "/lib/systemd/system"
+WANTS = f"{layout.UNIT_DIR}/multi-user.target.wants"
 
 POSTINST = """#!/bin/sh
-# Enable the service the way deb-systemd-helper would, so it also works in an image build.
+# Enable the bundle's service the way deb-systemd-helper would, so it also works in an image build.
 set -e
 if [ "$1" = configure ]; then
-    mkdir -p "$DPKG_ROOT/etc/systemd/system/multi-user.target.wants"
-    ln -sfn /lib/systemd/system/@UNIT@ "$DPKG_ROOT/etc/systemd/system/multi-user.target.wants/@UNIT@"
+    wants="$DPKG_ROOT@WANTS@"
+    mkdir -p "$wants"
+    ln -sfn "@SYSTEM_UNITS@/@UNIT@" "$wants/@UNIT@"
+    # An upgrade from a package of the single-service layout: dpkg removed its @LEGACY_UNIT@ from
+    # @SYSTEM_UNITS@; its wants link and its service (which holds the address) go with it.
+    legacy=
+    if [ -n "$2" ] && [ ! -e "$DPKG_ROOT@SYSTEM_UNITS@/@LEGACY_UNIT@" ] \\
+        && [ "$(readlink "$wants/@LEGACY_UNIT@" 2>/dev/null)" = "@SYSTEM_UNITS@/@LEGACY_UNIT@" ]; then
+        rm -f "$wants/@LEGACY_UNIT@"
+        legacy=1
+    fi
     if [ -z "$DPKG_ROOT" ] && [ -d /run/systemd/system ]; then
+        if [ -n "$legacy" ]; then
+            systemctl stop @LEGACY_UNIT@ || true
+        fi
         systemctl daemon-reload
-        systemctl restart @UNIT@ || true
+        systemctl restart "@UNIT@" || true
     fi
 fi
 exit 0
@@ -40,7 +61,7 @@ exit 0
 PRERM = """#!/bin/sh
 set -e
 if [ "$1" = remove ] && [ -z "$DPKG_ROOT" ] && [ -d /run/systemd/system ]; then
-    systemctl stop @UNIT@ || true
+    systemctl stop "@UNIT@" || true
 fi
 exit 0
 """
@@ -49,24 +70,41 @@ POSTRM = """#!/bin/sh
 set -e
 case "$1" in
     remove|purge)
-        rm -f "$DPKG_ROOT/etc/systemd/system/multi-user.target.wants/@UNIT@"
+        rm -f "$DPKG_ROOT@WANTS@/@UNIT@"
         if [ -z "$DPKG_ROOT" ] && [ -d /run/systemd/system ]; then
             systemctl daemon-reload || true
         fi
         ;;
 esac
 if [ "$1" = purge ]; then
-    # Releases and store entries a later `tvmbundle deploy` may have added are the package's too.
-    rm -rf "$DPKG_ROOT@PREFIX@/releases" "$DPKG_ROOT@PREFIX@/store" "$DPKG_ROOT@PREFIX@/staging"
-    rmdir "$DPKG_ROOT@PREFIX@" 2>/dev/null || true
+    # This bundle's folder (the releases a later `tvmbundle deploy` added too) and the unit deploy
+    # installed for it. The store, staging and the prefix are shared by every bundle of the device:
+    # they go with the last one only (no other bundle's folder, no single-service layout left).
+    prefix="$DPKG_ROOT@PREFIX@"
+    rm -rf "$DPKG_ROOT@BUNDLE@"
+    rm -f "$DPKG_ROOT@UNIT_DIR@/@UNIT@"
+    rmdir "$prefix/bundles" 2>/dev/null || true
+    if [ ! -e "$prefix/bundles" ] && [ ! -e "$prefix/releases" ] && [ ! -L "$prefix/current" ]; then
+        rm -rf "$prefix/store" "$prefix/staging"
+        rmdir "$prefix" 2>/dev/null || true
+    fi
 fi
 exit 0
 """
 
 
-def package_name(manifest: Manifest) -> str:
-    name = re.sub(r"[^a-z0-9+.-]+", "-", manifest.name.lower()).strip("-.+") or "model"
-    return f"tvmbundle-{name}"
+def package_name(manifest: Manifest, allowed: str = "a-z0-9+.-") -> str:
+    """tvmbundle-NAME, the bundle's name in a package system's alphabet (Debian's by default).
+
+    Two bundle names never give one package name, or the second package would replace the first:
+    a name that had to change (upper case, ``_``) gets 8 hex digits of its sha256 (``My_Net`` ->
+    ``tvmbundle-my-net-1a2b3c4d``, while ``my-net`` stays ``tvmbundle-my-net``).
+    """
+    name = manifest.name
+    base = re.sub(f"[^{allowed}]+", "-", name.lower()).strip("-.+") or "model"
+    if base != name:
+        base += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"tvmbundle-{base}"
 
 
 def package_version(manifest: Manifest, epoch: int) -> str:
@@ -78,14 +116,15 @@ def build_deb(release: Path, manifest: Manifest, out_dir: Path, epoch: int, work
     board = manifest.board
     prefix = manifest.install.prefix.rstrip("/")
     name, version = package_name(manifest), package_version(manifest, epoch)
+    unit = layout.unit_name(manifest.name)
     arch = cpu.FAMILIES[board.cpu_family].debian_arch
     root = work / "deb"
-    rel_dir = root / prefix.strip("/") / "releases" / manifest.bundle_id
-    shutil.copytree(release, rel_dir, symlinks=True)
-    os.symlink(f"releases/{manifest.bundle_id}", root / prefix.strip("/") / "current")
-    units = root / "lib" / "systemd" / "system"
+    shutil.copytree(release, root / layout.release_dir(prefix, manifest.name, manifest.bundle_id).lstrip("/"),
+                    symlinks=True)
+    os.symlink(layout.current_target(manifest.bundle_id), root / layout.current(prefix, manifest.name).lstrip("/"))
+    units = root / SYSTEM_UNITS.lstrip("/")
     units.mkdir(parents=True)
-    (units / UNIT).write_text(render_unit(manifest))
+    (units / unit).write_text(render_unit(manifest))
     debian = root / "DEBIAN"
     debian.mkdir()
     size_kb = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink()) // 1024 + 1
@@ -97,19 +136,21 @@ def build_deb(release: Path, manifest: Manifest, out_dir: Path, epoch: int, work
         "Maintainer: tvmbundle <tvmbundle@localhost>",
         f"Installed-Size: {size_kb}",
         f"Depends: {', '.join(depends)}",
-        "Provides: tvmbundle-service",
-        "Conflicts: tvmbundle-service",
-        "Replaces: tvmbundle-service",
         "Section: misc",
         "Priority: optional",
         f"Description: {manifest.name} for {board.title or board.name}, served by TVM",
         f" Bundle {manifest.bundle_id} built by tvmbundle: the model compiled with apache-tvm",
         f" {manifest.compiler['apache-tvm']}, its runtime and the tvm-deploy harness, run as the",
-        f" {UNIT} inference service.",
+        f" {unit} inference service.",
         ""]))
+    values = {"@UNIT@": unit, "@LEGACY_UNIT@": layout.LEGACY_UNIT, "@SYSTEM_UNITS@": SYSTEM_UNITS,
+              "@UNIT_DIR@": layout.UNIT_DIR, "@WANTS@": WANTS, "@BUNDLE@": layout.bundle_dir(prefix, manifest.name),
+              "@PREFIX@": prefix}
     for script, text in (("postinst", POSTINST), ("prerm", PRERM), ("postrm", POSTRM)):
+        for key, value in values.items():
+            text = text.replace(key, value)
         p = debian / script
-        p.write_text(text.replace("@UNIT@", UNIT).replace("@PREFIX@", prefix))
+        p.write_text(text)
         p.chmod(0o755)
     for p in [root, *root.rglob("*")]:
         if not p.is_symlink():

@@ -7,8 +7,13 @@ the prefix (created with become, owned by the login user) -> upload of only the 
 lacks into PREFIX/staging/<sha256>.part -> `install --selftest` (every staged file checked by SHA-256,
 the release assembled from store hard links, its selftest) -> `activate` with become (switch
 `current`, the release's unit, restart, health gate, prune); a failed activate switches back to the
-previous release with that release's own harness, then the host fails.  The device layout is
-deploy's, so `tvmbundle status` reads a host Ansible updated, and the other way round.
+previous release with that release's own harness, then the host fails.
+
+Every agent call names the bundle (``--name``, the role's ``tvmbundle_name``): a device runs several
+bundles, each with its own releases, ``current`` and unit tvmbundle@NAME.service, sharing the store
+(bundler.package.layout). The device layout is deploy's, so `tvmbundle status` reads a host Ansible
+or Mender updated, and the other way round. The paths in the role and in the Mender module are the
+layout's functions applied to the role's variables (or the module's shell variables).
 
 Everything written depends only on the bundle (see export._normalize).
 """
@@ -25,8 +30,9 @@ from pathlib import Path
 
 from bundler import proc
 from bundler.config import cpu
+from bundler.package import layout
 from bundler.package.manifest import LICENSE, MANIFEST, agent_id
-from bundler.package.service import UNIT, render_unit
+from bundler.package.service import render_unit
 
 ROLE = "tvmbundle"
 MIN_ANSIBLE = "2.14"
@@ -72,10 +78,13 @@ TASKS = """\
       - tvmbundle_prefix is string
       - tvmbundle_prefix is match('^/[A-Za-z0-9._+/-]*[A-Za-z0-9._+-]$')
       - "'..' not in tvmbundle_prefix.split('/')"
+      - tvmbundle_name is match('^[A-Za-z0-9_][A-Za-z0-9_.-]*$')
       - tvmbundle_unit_dir is match('^/[A-Za-z0-9._+/-]+$')
       - (tvmbundle_keep | int) >= 1
       - (tvmbundle_health_timeout | float) > 0
-    fail_msg: "tvmbundle_prefix and tvmbundle_unit_dir must be absolute paths of [A-Za-z0-9._+-/], tvmbundle_keep >= 1"
+    fail_msg: >-
+      tvmbundle_prefix and tvmbundle_unit_dir must be absolute paths of [A-Za-z0-9._+-/], tvmbundle_name
+      a bundle name of [A-Za-z0-9._-], tvmbundle_keep >= 1
     quiet: true
 
 - name: Preflight | read the device's architecture and the login user's home
@@ -95,6 +104,7 @@ TASKS = """\
     _tvmbundle_agent: "{{ ansible_facts.user_dir }}/.cache/tvmbundle/agent/{{ tvmbundle_agent_id }}"
     _tvmbundle_store: "{{ tvmbundle_prefix }}/store/sha256"
     _tvmbundle_staging: "{{ tvmbundle_prefix }}/staging"
+    _tvmbundle_releases: "@RELEASES@"
     _tvmbundle_env: "{{ {'TVM_DEPLOY_LISTEN': tvmbundle_probe_listen} if tvmbundle_probe_listen | length > 0 else {} }}"
 
 - name: Agent | look for its files in the store
@@ -138,7 +148,8 @@ TASKS = """\
 
 - name: Preflight | survey (glibc, space, permissions, systemd, the files the store has)
   ansible.builtin.command:
-    argv: "{{ [_tvmbundle_agent ~ '/bin/tvm-deploy', 'survey', '--prefix', tvmbundle_prefix, '--unit-dir', tvmbundle_unit_dir]
+    argv: "{{ [_tvmbundle_agent ~ '/bin/tvm-deploy', 'survey', '--prefix', tvmbundle_prefix, '--name', tvmbundle_name,
+               '--unit-dir', tvmbundle_unit_dir]
               + (tvmbundle_blobs | map(attribute='sha256') | map('regex_replace', '^', '--want=') | list) }}"
   register: _tvmbundle_survey_run
   changed_when: false
@@ -177,12 +188,12 @@ TASKS = """\
   become: "{{ tvmbundle_become }}"
   when: not _tvmbundle_survey.prepared
 
-- name: Prepare | store, releases and staging
+- name: Prepare | the shared store and staging, the bundle's releases
   ansible.builtin.file:
-    path: "{{ tvmbundle_prefix }}/{{ item }}"
+    path: "{{ item }}"
     state: directory
     mode: "0755"
-  loop: [store/sha256, releases, staging]
+  loop: ["{{ _tvmbundle_store }}", "{{ _tvmbundle_releases }}", "{{ _tvmbundle_staging }}"]
   when: not _tvmbundle_survey.prepared
 
 - name: Upload and install
@@ -217,6 +228,8 @@ TASKS = """\
           - install
           - --prefix
           - "{{ tvmbundle_prefix }}"
+          - --name
+          - "{{ tvmbundle_name }}"
           - --manifest
           - "{{ _tvmbundle_staging }}/{{ tvmbundle_bundle_id }}.manifest.json"
           - --unit
@@ -230,12 +243,17 @@ TASKS = """\
 
   rescue:
     # A full disk leaves partial files: they must not eat the space the running release needs.
-    - name: Upload | clean staging after a failure
+    # Only this release's: staging is shared by every bundle of the device.
+    - name: Upload | clean this release's staged files after a failure
       ansible.builtin.file:
-        path: "{{ _tvmbundle_staging }}"
-        state: "{{ item }}"
-        mode: "0755"
-      loop: [absent, directory]
+        path: "{{ item }}"
+        state: absent
+      loop: "{{ (_tvmbundle_missing | map(attribute='sha256') | map('regex_replace', '^', _tvmbundle_staging ~ '/')
+                 | map('regex_replace', '$', '.part') | list)
+                + [_tvmbundle_staging ~ '/' ~ tvmbundle_bundle_id ~ '.manifest.json',
+                   _tvmbundle_staging ~ '/' ~ tvmbundle_bundle_id ~ '.' ~ tvmbundle_unit] }}"
+      loop_control:
+        label: "{{ item | basename }}"
 
     - name: Install | failed, nothing was switched
       ansible.builtin.fail:
@@ -247,7 +265,7 @@ TASKS = """\
   block:
     - name: Activate | switch current, install the unit, restart, health gate, prune
       ansible.builtin.command:
-        argv: "{{ [_tvmbundle_agent ~ '/bin/tvm-deploy', 'activate', '--prefix', tvmbundle_prefix,
+        argv: "{{ [_tvmbundle_agent ~ '/bin/tvm-deploy', 'activate', '--prefix', tvmbundle_prefix, '--name', tvmbundle_name,
                    '--release', tvmbundle_bundle_id, '--unit-dir', tvmbundle_unit_dir, '--unit', tvmbundle_unit,
                    '--health-timeout', tvmbundle_health_timeout | string, '--keep', tvmbundle_keep | string]
                   + (['--protect', _tvmbundle_previous] if _tvmbundle_previous | length > 0 else []) }}"
@@ -260,9 +278,10 @@ TASKS = """\
   rescue:
     - name: Rollback | the previous release, with its own harness
       ansible.builtin.command:
-        argv: "{{ [(tvmbundle_prefix ~ '/releases/' ~ _tvmbundle_previous ~ '/bin/tvm-deploy')
+        argv: "{{ [(_tvmbundle_releases ~ '/' ~ _tvmbundle_previous ~ '/bin/tvm-deploy')
                    if _tvmbundle_previous | length > 0 else (_tvmbundle_agent ~ '/bin/tvm-deploy'),
-                   'activate', '--prefix', tvmbundle_prefix, '--release', _tvmbundle_previous | default('none', true),
+                   'activate', '--prefix', tvmbundle_prefix, '--name', tvmbundle_name,
+                   '--release', _tvmbundle_previous | default('none', true),
                    '--unit-dir', tvmbundle_unit_dir, '--unit', tvmbundle_unit,
                    '--health-timeout', tvmbundle_health_timeout | string] }}"
       become: "{{ tvmbundle_become }}"
@@ -293,6 +312,7 @@ TASKS = """\
     status_code: 200
   when: tvmbundle_health_url | length > 0
 """
+TASKS = TASKS.replace("@RELEASES@", layout.releases_dir("{{ tvmbundle_prefix }}", "{{ tvmbundle_name }}"))
 
 DEFAULTS = """\
 ---
@@ -325,11 +345,11 @@ HANDLERS = """\
 
 PLAYBOOK = """\
 ---
-# Generated by tvmbundle export: {name} {bid12}.
+# Generated by tvmbundle export: {name} {bid12}, served as {unit}.
 #   ansible-playbook -i inventory.yml deploy.yml [-e tvmbundle_serial='[1, "25%"]'] [-e tvmbundle_max_fail_percentage=10]
 # serial: a canary batch, then batches (tvmbundle rollout --canary 1 --batch 25%);
 # max_fail_percentage: the share of a batch that may fail before the play stops (--max-failures).
-- name: Roll out the tvmbundle release
+- name: Roll out the tvmbundle release of {name}
   hosts: "{{{{ tvmbundle_hosts | default('tvmbundle') }}}}"
   gather_facts: false
   serial: "{{{{ tvmbundle_serial | default([1, '25%']) }}}}"
@@ -381,7 +401,7 @@ def write_ansible(root: Path, top: Path, info) -> None:
         "# Generated by tvmbundle export from this bundle: the release, not a setting.",
         f"tvmbundle_bundle_id: {_y(m.bundle_id)}",
         f"tvmbundle_name: {_y(m.name)}",
-        f"tvmbundle_unit: {_y(UNIT)}",
+        f"tvmbundle_unit: {_y(layout.unit_name(m.name))}",
         f"tvmbundle_agent_id: {_y(agent_id(agent))}",
         "tvmbundle_board:",
         f"  name: {_y(board.name)}",
@@ -415,7 +435,7 @@ def write_ansible(root: Path, top: Path, info) -> None:
         "  galaxy_tags: [tvm, inference, systemd]",
         "dependencies: []",
         ""]))
-    _write(root / "deploy.yml", PLAYBOOK.format(name=m.name, bid12=m.bundle_id[:12]))
+    _write(root / "deploy.yml", PLAYBOOK.format(name=m.name, bid12=m.bundle_id[:12], unit=layout.unit_name(m.name)))
     _write(root / "inventory.yml", INVENTORY)
 
 
@@ -429,19 +449,26 @@ def _write(path: Path, text: str) -> None:
 MENDER_TYPE = "tvmbundle"          # the artifact's payload type = the update module's name
 MENDER_MODULE_PATH = "/usr/share/mender/modules/v3/" + MENDER_TYPE
 MENDER_CONF = "tvmbundle.conf"
+# The release's unit in the payload: mender-artifact allows only [A-Za-z0-9.,_-] in its file names, so
+# not tvmbundle@NAME.service; the module copies it to that name, which install takes the unit's from.
+MENDER_UNIT = "tvmbundle-unit.service"
 
 # Mender's update module protocol v3: called as `tvmbundle STATE FILES`, FILES holding header/,
-# files/ (the payload: the bundle, its unit, tvmbundle.conf) and tmp/ (kept for the whole update).
+# files/ (the payload: the bundle, its unit as tvmbundle-unit.service, tvmbundle.conf) and tmp/ (kept for the whole update).
 # Every step that can fail is the bundle's own tvm-deploy; the shell only finds files and arguments.
+# One module serves every bundle of a device: the bundle's name comes from the artifact's tvmbundle.conf,
+# so every export writes the same module.
 MENDER_MODULE = r"""#!/bin/sh
 # tvmbundle update module for Mender (update module protocol v3), written by `tvmbundle export mender`.
-# Install as /usr/share/mender/modules/v3/tvmbundle (mode 0755).
-# ArtifactInstall: the bundle's `tvm-deploy install --selftest` (files checked by SHA-256 into
-# PREFIX/store, the release assembled, its selftest), then `tvm-deploy activate` (switch PREFIX/current,
-# the release's unit, restart, health gate). ArtifactCommit: prune old releases. ArtifactRollback:
-# the previous release, activated with its own harness. Cleanup: the unpacked bundle and staging.
-# Settings (environment, else the artifact's tvmbundle.conf): TVMBUNDLE_PREFIX, TVMBUNDLE_UNIT_DIR,
-# TVMBUNDLE_HEALTH_TIMEOUT, TVMBUNDLE_KEEP.
+# Install as /usr/share/mender/modules/v3/tvmbundle (mode 0755); the same module serves every bundle.
+# ArtifactInstall: the bundle's `tvm-deploy install --selftest` (files checked by SHA-256 into the
+# shared PREFIX/store, the release assembled in PREFIX/bundles/NAME/releases, its selftest), then
+# `tvm-deploy activate` (switch PREFIX/bundles/NAME/current, the release's unit tvmbundle@NAME.service,
+# restart, health gate). ArtifactCommit: prune the bundle's old releases. ArtifactRollback: the previous
+# release, activated with its own harness. Cleanup: the unpacked bundle (staging is shared by every
+# bundle and the module stages nothing there).
+# NAME is the artifact's (name= in tvmbundle.conf). Settings (environment, else tvmbundle.conf):
+# TVMBUNDLE_PREFIX, TVMBUNDLE_UNIT_DIR, TVMBUNDLE_HEALTH_TIMEOUT, TVMBUNDLE_KEEP.
 set -eu
 
 STATE="${1:-}"
@@ -463,10 +490,10 @@ CONF="$FILES/files/tvmbundle.conf"
 conf() { [ -f "$CONF" ] && sed -n "s/^$1=//p" "$CONF" | head -n 1 || true; }
 
 PREFIX="${TVMBUNDLE_PREFIX:-$(conf prefix)}"
+NAME="$(conf name)"
 UNIT_DIR="${TVMBUNDLE_UNIT_DIR:-/etc/systemd/system}"
 HEALTH="${TVMBUNDLE_HEALTH_TIMEOUT:-30}"
 KEEP="${TVMBUNDLE_KEEP:-3}"
-UNIT=tvmbundle.service
 case "$PREFIX" in
   /*) ;;
   *) die "no install prefix (TVMBUNDLE_PREFIX or prefix= in tvmbundle.conf)" ;;
@@ -474,8 +501,15 @@ esac
 case "$PREFIX$UNIT_DIR$HEALTH$KEEP" in
   *[!A-Za-z0-9._+/-]*) die "prefix, unit folder, health timeout and keep must be plain paths and numbers" ;;
 esac
+case "$NAME" in
+  ""|.*|-*|*[!A-Za-z0-9._-]*)
+    die "no bundle name of [A-Za-z0-9._-] (name= in tvmbundle.conf; an artifact exported by an older tvmbundle has none: export it again)" ;;
+esac
+RELEASES="@RELEASES@"
+CURRENT="@CURRENT@"
+UNIT="@UNIT@"
 
-current() { l=$(readlink "$PREFIX/current" 2>/dev/null) && echo "${l##*/}" || true; }
+current() { l=$(readlink "$CURRENT" 2>/dev/null) && echo "${l##*/}" || true; }
 
 case "$STATE" in
   ArtifactInstall)
@@ -489,31 +523,36 @@ case "$STATE" in
     for d in "$TMP"/bundle/*/; do top=${d%/}; done
     [ -x "$top/bin/tvm-deploy" ] || die "the bundle has no bin/tvm-deploy"
     mkdir -p "$PREFIX"
-    "$top/bin/tvm-deploy" prepare --prefix "$PREFIX"
-    "$top/bin/tvm-deploy" install --prefix "$PREFIX" --release "$top" --unit "$FILES/files/$UNIT" --selftest
+    [ -f "$FILES/files/@MENDER_UNIT@" ] || die "the artifact has no unit (@MENDER_UNIT@) in files/"
+    cp "$FILES/files/@MENDER_UNIT@" "$TMP/$UNIT"
+    "$top/bin/tvm-deploy" prepare --prefix "$PREFIX" --name "$NAME"
+    "$top/bin/tvm-deploy" install --prefix "$PREFIX" --name "$NAME" --release "$top" --unit "$TMP/$UNIT" --selftest
     id=$(sed -n 's/^bundle_id=//p' "$CONF" | head -n 1)
-    "$PREFIX/releases/$id/bin/tvm-deploy" activate --prefix "$PREFIX" --release "$id" --unit-dir "$UNIT_DIR" \
-        --unit "$UNIT" --health-timeout "$HEALTH"
+    "$RELEASES/$id/bin/tvm-deploy" activate --prefix "$PREFIX" --name "$NAME" --release "$id" \
+        --unit-dir "$UNIT_DIR" --unit "$UNIT" --health-timeout "$HEALTH"
     ;;
   ArtifactCommit)
-    "$PREFIX/current/bin/tvm-deploy" gc --prefix "$PREFIX" --keep "$KEEP"
+    "$CURRENT/bin/tvm-deploy" gc --prefix "$PREFIX" --name "$NAME" --keep "$KEEP"
     ;;
   ArtifactRollback)
     prev=$(cat "$TMP/previous" 2>/dev/null || true)
     if [ -n "$prev" ]; then
-      "$PREFIX/releases/$prev/bin/tvm-deploy" activate --prefix "$PREFIX" --release "$prev" --unit-dir "$UNIT_DIR" \
-          --unit "$UNIT" --health-timeout "$HEALTH"
-    elif [ -x "$PREFIX/current/bin/tvm-deploy" ]; then
-      "$PREFIX/current/bin/tvm-deploy" activate --prefix "$PREFIX" --release none --unit-dir "$UNIT_DIR" --unit "$UNIT"
+      "$RELEASES/$prev/bin/tvm-deploy" activate --prefix "$PREFIX" --name "$NAME" --release "$prev" \
+          --unit-dir "$UNIT_DIR" --unit "$UNIT" --health-timeout "$HEALTH"
+    elif [ -x "$CURRENT/bin/tvm-deploy" ]; then
+      "$CURRENT/bin/tvm-deploy" activate --prefix "$PREFIX" --name "$NAME" --release none --unit-dir "$UNIT_DIR" \
+          --unit "$UNIT"
     fi
     ;;
   Cleanup)
-    rm -rf "$TMP/bundle" "$TMP/previous"
-    rm -f "$PREFIX"/staging/*.part "$PREFIX"/staging/*.manifest.json "$PREFIX"/staging/*.service
+    rm -rf "$TMP/bundle" "$TMP/previous" "$TMP/$UNIT"
     ;;
 esac
 exit 0
 """
+for _key, _value in (("@RELEASES@", layout.releases_dir("$PREFIX", "$NAME")), ("@CURRENT@", layout.current("$PREFIX", "$NAME")),
+                     ("@UNIT@", layout.unit_name("$NAME")), ("@MENDER_UNIT@", MENDER_UNIT)):
+    MENDER_MODULE = MENDER_MODULE.replace(_key, _value)
 
 
 def write_mender(root: Path, bundle: Path, info, key: Path | None) -> None:
@@ -523,8 +562,8 @@ def write_mender(root: Path, bundle: Path, info, key: Path | None) -> None:
     payload = root / ".payload"
     payload.mkdir()
     shutil.copyfile(bundle, payload / bundle.name)
-    (payload / UNIT).write_text(render_unit(m))
-    (payload / MENDER_CONF).write_text(f"prefix={info.prefix}\nbundle_id={m.bundle_id}\n")
+    (payload / MENDER_UNIT).write_text(render_unit(m))
+    (payload / MENDER_CONF).write_text(f"prefix={info.prefix}\nname={m.name}\nbundle_id={m.bundle_id}\n")
     for p in payload.iterdir():
         os.utime(p, (info.epoch, info.epoch))
     out = root / f"{bundle.name.rsplit('.tar.gz', 1)[0].rsplit('.tgz', 1)[0]}.mender"

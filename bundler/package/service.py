@@ -1,7 +1,8 @@
 """The systemd unit that runs a bundle's inference service on the board.
 
 Rendered from ``overlays/tvmbundle.service.in`` with the recipe's [service]
-settings (carried in the bundle's manifest) and the install prefix.  The unit
+settings (carried in the bundle's manifest) and the install prefix, as the unit
+of the bundle's own instance, ``tvmbundle@NAME.service`` (bundler.package.layout).  The unit
 is hardened to an exposure of about 1 by ``systemd-analyze security``: its own
 dynamic user, a read-only view of the system and of the release, no
 capabilities, a system-call allow-list and IP access only to where it listens.
@@ -17,9 +18,8 @@ from typing import Any
 
 from bundler.config import values
 from bundler.errors import UserError
+from bundler.package import layout
 from bundler.package.manifest import Manifest
-
-UNIT = "tvmbundle.service"
 
 
 def template_path() -> Path:
@@ -63,7 +63,7 @@ def render_unit(manifest: Manifest | Mapping[str, Any], prefix: str | None = Non
     ip_access = "IPAddressAllow=localhost\nIPAddressDeny=any" if is_loopback(host) else ""
     text = template_path().read_text()
     for placeholder, value in (
-        ("@NAME@", manifest.name), ("@PREFIX@", prefix), ("@LISTEN@", svc.listen),
+        ("@NAME@", manifest.name), ("@CURRENT@", layout.current(prefix, manifest.name)), ("@PREFIX@", prefix), ("@LISTEN@", svc.listen),
         ("@THREADS@", str(svc.threads)), ("@USER@", svc.user),
         ("@ENVIRONMENT@", "\n".join(env_lines)), ("@IPACCESS@", ip_access),
     ):

@@ -25,9 +25,9 @@ from bundler.config import cpu
 from bundler.config import recipe as recipe_mod
 from bundler.errors import UserError, VerifyError, one_of
 from bundler.package import bundle as bundle_mod
-from bundler.package import signing
+from bundler.package import layout, signing
 from bundler.package.manifest import MANIFEST, Manifest
-from bundler.package.service import UNIT, render_unit
+from bundler.package.service import render_unit
 from bundler.progress import Progress
 
 # Part of every verification record's key: a change to what verify checks re-verifies bundles.
@@ -204,21 +204,22 @@ def check_unit(top: Path, manifest: Manifest, work: Path) -> list[str]:
     systemd only warns about keys it does not know."""
     analyze = proc.which("systemd-analyze", why="check the bundle's systemd unit")
     root = work / "unit-root"
-    exe = root / manifest.install.prefix.strip("/") / "current" / "bin" / "tvm-deploy"
+    unit = layout.unit_name(manifest.name)
+    exe = root / layout.current(manifest.install.prefix, manifest.name).strip("/") / "bin" / "tvm-deploy"
     exe.parent.mkdir(parents=True)
     shutil.copyfile(top / "bin" / "tvm-deploy", exe)
     exe.chmod(0o755)
     units = root / "etc" / "systemd" / "system"
     units.mkdir(parents=True)
-    (units / UNIT).write_text(render_unit(manifest))
+    (units / unit).write_text(render_unit(manifest))
     for system in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")):
         if system.is_dir() and not system.is_symlink():
             shutil.copytree(system, root / "usr" / "lib" / "systemd" / "system", symlinks=True, dirs_exist_ok=True)
             break
-    res = proc.run([analyze, "verify", f"--root={root}", f"/etc/systemd/system/{UNIT}"], check=False, timeout=120)
+    res = proc.run([analyze, "verify", f"--root={root}", f"/etc/systemd/system/{unit}"], check=False, timeout=120)
     err = (res.stderr or "").strip()
     if res.returncode != 0 or err:
-        return [f"{UNIT}: systemd-analyze verify: {_last(err or res.stdout)}"]
+        return [f"{unit}: systemd-analyze verify: {_last(err or res.stdout)}"]
     return []
 
 

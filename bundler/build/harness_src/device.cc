@@ -236,22 +236,49 @@ bool ValidUnitName(const std::string& s) {
 }
 
 // ---- the install prefix ----------------------------------------------------------------------
+//
+// The same layout as bundler/package/layout.py: the store and staging are shared by every bundle of
+// the device, each bundle name has its own releases/, current and unit. A Prefix without a name is the
+// legacy single-service layout (releases/ and current right under the prefix, tvmbundle.service),
+// which a deploy of the same name adopts (activate --adopt).
+
+bool ValidBundleName(const std::string& s) {
+  if (s.empty() || s.size() > 64 || s[0] == '.' || s[0] == '-') return false;
+  return std::all_of(s.begin(), s.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.' || c == '-';
+  });
+}
 
 struct Prefix {
-  std::string root;
+  std::string root, name;   // name: the bundle's; "" for the legacy layout
   std::string Store() const { return root + "/store/sha256"; }
-  std::string Releases() const { return root + "/releases"; }
   std::string Staging() const { return root + "/staging"; }
+  std::string Base() const { return name.empty() ? root : root + "/bundles/" + name; }
+  std::string Releases() const { return Base() + "/releases"; }
   std::string Release(const std::string& id) const { return Releases() + "/" + id; }
-  std::string Current() const { return root + "/current"; }
+  std::string Current() const { return Base() + "/current"; }
+  std::string Unit() const { return name.empty() ? kDefaultUnit : "tvmbundle@" + name + ".service"; }
+  Prefix Legacy() const { return Prefix{root, ""}; }
+  Prefix Named(const std::string& n) const { return Prefix{root, n}; }
 };
 
-Prefix CheckedPrefix(const std::string& p) {
+Prefix CheckedPrefix(const std::string& p, const std::string& name = "") {
   std::string why;
   if (p.empty() || p[0] != '/') throw ArgError("--prefix: '" + p + "' is not allowed; expected an absolute path");
   std::string rel = SafeRelativePath(p.substr(1), &why);
   if (rel.empty()) throw ArgError("--prefix: '" + p + "' is not allowed: " + why);
-  return Prefix{"/" + rel};
+  if (!name.empty() && !ValidBundleName(name))
+    throw ArgError("--name: '" + name + "' is not allowed; expected 1 to 64 letters, digits, '_', '.' or '-', "
+                   "not starting with '.' or '-'");
+  return Prefix{"/" + rel, name};
+}
+
+// The bundle names with a folder under PREFIX/bundles.
+std::vector<std::string> BundleNames(const Prefix& px) {
+  std::vector<std::string> out;
+  for (const std::string& n : List(px.root + "/bundles"))
+    if (ValidBundleName(n) && IsDir(px.root + "/bundles/" + n)) out.push_back(n);
+  return out;
 }
 
 std::string CurrentId(const Prefix& px) {
@@ -280,6 +307,26 @@ std::vector<std::string> Releases(const Prefix& px) {
   std::vector<std::string> out;
   for (auto& f : found) out.push_back(f.second);
   return out;
+}
+
+// Hard links of every file of the tree `from` at the same places under `to` (symbolic links are
+// copied as links): a release adopted from the legacy layout shares its files with the store.
+void LinkTree(const std::string& from, const std::string& to) {
+  MkdirP(to);
+  for (const std::string& n : List(from)) {
+    std::string a = from + "/" + n, b = to + "/" + n;
+    struct stat st;
+    if (lstat(a.c_str(), &st) != 0) throw std::runtime_error(a + ": " + Err());
+    if (S_ISDIR(st.st_mode)) {
+      LinkTree(a, b);
+    } else if (S_ISLNK(st.st_mode)) {
+      char buf[4096];
+      ssize_t k = readlink(a.c_str(), buf, sizeof(buf) - 1);
+      if (k < 0 || symlink(std::string(buf, size_t(k)).c_str(), b.c_str()) != 0) throw std::runtime_error(b + ": " + Err());
+    } else if (link(a.c_str(), b.c_str()) != 0) {
+      CopyFile(a, b, st.st_mode & 0755);
+    }
+  }
 }
 
 // ---- other programs ---------------------------------------------------------------------------
@@ -462,6 +509,27 @@ Manifest ParseManifest(const std::string& file, std::string text) {
   return m;
 }
 
+// What status and survey say of a kept release: read from its manifest, "?" where it cannot be.
+struct ReleaseFacts {
+  std::string name = "?", board = "?", created = "?", listen;
+};
+
+ReleaseFacts ReadReleaseFacts(const std::string& dir) {
+  ReleaseFacts f;
+  json::Value doc;
+  std::string err;
+  try {
+    if (json::Parse(ReadText(dir + "/manifest.json"), &doc, &err) && doc.IsObject()) {
+      f.name = StrOf(doc.Find("name"));
+      f.created = StrOf(doc.Find("created"));
+      if (const json::Value* b = doc.Find("board"); b && b->IsObject()) f.board = StrOf(b->Find("name"));
+      if (const json::Value* v = doc.Find("service"); v && v->IsObject()) f.listen = StrOf(v->Find("listen"));
+    }
+  } catch (const std::exception&) {
+  }
+  return f;
+}
+
 // ---- signed releases: the device's own trust store ---------------------------------------------
 //
 // /etc/tvmbundle/allowed_signers (ssh-keygen(1) ALLOWED SIGNERS; `tvmbundle trust` writes it) lists the
@@ -641,12 +709,12 @@ void PathFacts(json::Writer& w, const std::string& path) {
 }
 
 int Survey(const std::vector<std::string>& args, json::Writer& w) {
-  std::string prefix, unit_dir = "/etc/systemd/system";
+  std::string prefix, name, unit_dir = "/etc/systemd/system";
   bool sudo = false;
   std::vector<std::string> want;
-  ArgParser("survey", args).Option("--prefix", &prefix).Option("--unit-dir", &unit_dir).Flag("--sudo", &sudo)
-      .Repeated("--want", &want).Require("--prefix").Parse();
-  Prefix px = CheckedPrefix(prefix);
+  ArgParser("survey", args).Option("--prefix", &prefix).Option("--name", &name).Option("--unit-dir", &unit_dir)
+      .Flag("--sudo", &sudo).Repeated("--want", &want).Require("--prefix").Parse();
+  Prefix px = CheckedPrefix(prefix, name);
   struct utsname u;
   uname(&u);
   Begin(w, "survey");
@@ -678,6 +746,38 @@ int Survey(const std::vector<std::string>& args, json::Writer& w) {
   w.Key("releases").BeginArray();
   for (const std::string& r : Releases(px)) w.String(r);
   w.EndArray();
+  // Every bundle of the device, for preflight: two services must not listen on one address.
+  w.Key("bundles").BeginArray();
+  for (const std::string& n : BundleNames(px)) {
+    Prefix other = px.Named(n);
+    std::string c = CurrentId(other);
+    w.BeginObject().Key("name").String(n).Key("unit").String(other.Unit()).Key("current");
+    c.empty() ? w.Null() : w.String(c);
+    w.Key("listen").String(c.empty() ? "" : ReadReleaseFacts(other.Release(c)).listen).EndObject();
+  }
+  w.EndArray();
+  // The legacy single-service layout, when there is one: a deploy of its bundle's name adopts it,
+  // with a unit the host renders for each of its releases (their manifests are sent for that).
+  Prefix legacy = px.Legacy();
+  std::string legacy_cur = CurrentId(legacy);
+  std::vector<std::string> legacy_rels = Releases(legacy);
+  w.Key("legacy");
+  if (px.name.empty() || (legacy_cur.empty() && legacy_rels.empty())) {
+    w.Null();
+  } else {
+    w.BeginObject().Key("unit").String(kDefaultUnit).Key("unit_installed").Bool(IsFile(unit_dir + "/" + kDefaultUnit))
+        .Key("current");
+    legacy_cur.empty() ? w.Null() : w.String(legacy_cur);
+    ReleaseFacts cf = legacy_cur.empty() ? ReleaseFacts{} : ReadReleaseFacts(legacy.Release(legacy_cur));
+    w.Key("name").String(cf.name).Key("listen").String(cf.listen).Key("releases").BeginArray();
+    for (const std::string& r : legacy_rels) {
+      ReleaseFacts f = ReadReleaseFacts(legacy.Release(r));
+      w.BeginObject().Key("id").String(r).Key("name").String(f.name);
+      if (f.name == px.name) w.Key("manifest").String(ReadText(legacy.Release(r) + "/manifest.json"));
+      w.EndObject();
+    }
+    w.EndArray().EndObject();
+  }
   w.Key("have").BeginArray();
   for (const std::string& s : want)
     if (IsHex64(s) && IsFile(px.Store() + "/" + s)) w.String(s);
@@ -697,10 +797,10 @@ int Survey(const std::vector<std::string>& args, json::Writer& w) {
 }
 
 int Prepare(const std::vector<std::string>& args, json::Writer& w) {
-  std::string prefix;
+  std::string prefix, name;
   bool sudo = false;
-  ArgParser("prepare", args).Option("--prefix", &prefix).Flag("--sudo", &sudo).Require("--prefix").Parse();
-  Prefix px = CheckedPrefix(prefix);
+  ArgParser("prepare", args).Option("--prefix", &prefix).Option("--name", &name).Flag("--sudo", &sudo).Require("--prefix").Parse();
+  Prefix px = CheckedPrefix(prefix, name);
   Privileged priv{sudo};
   bool created = false, chowned = false;
   std::string owner = std::to_string(geteuid()) + ":" + std::to_string(getegid());
@@ -791,12 +891,12 @@ void GcJson(json::Writer& w, const GcResult& g) {
 }
 
 int Install(const std::vector<std::string>& args, json::Writer& w) {
-  std::string prefix, manifest_file, unit_file, from, release_dir, sig_file, trust_file;
+  std::string prefix, name, manifest_file, unit_file, from, release_dir, sig_file, trust_file;
   bool selftest = false;
-  ArgParser("install", args).Option("--prefix", &prefix).Option("--manifest", &manifest_file).Option("--release", &release_dir)
-      .Option("--unit", &unit_file).Option("--from", &from).Option("--signature", &sig_file).Option("--trust-file", &trust_file)
-      .Flag("--selftest", &selftest).Require("--prefix").Parse();
-  Prefix px = CheckedPrefix(prefix);
+  ArgParser("install", args).Option("--prefix", &prefix).Option("--name", &name).Option("--manifest", &manifest_file)
+      .Option("--release", &release_dir).Option("--unit", &unit_file).Option("--from", &from).Option("--signature", &sig_file)
+      .Option("--trust-file", &trust_file).Flag("--selftest", &selftest).Require("--prefix").Parse();
+  Prefix px = CheckedPrefix(prefix, name);
   if (manifest_file.empty() == release_dir.empty()) throw ArgError("install: give --manifest FILE or --release DIR");
   if (!release_dir.empty()) manifest_file = release_dir + "/manifest.json";
   const std::string nothing = "nothing was installed";
@@ -817,6 +917,9 @@ int Install(const std::vector<std::string>& args, json::Writer& w) {
   SigCheck sig = CheckSignature(trust, text, sig_file, nothing);
   RequireTrusted(trust, sig, "the release", nothing);
   Manifest m = ParseManifest(manifest_file, std::move(text));    // refuses unsafe paths before anything is written
+  // The name picks the folder and the unit; a release must not land in another bundle's.
+  if (!px.name.empty() && m.name != px.name)
+    throw StepError("install", "the release is bundle '" + m.name + "', not '" + px.name + "'; " + nothing);
   int from_staging = 0, from_agent = 0;
   // 1. every file into the store, checked against its SHA-256 on the way in
   for (const Entry& e : m.files) {
@@ -863,7 +966,19 @@ int Install(const std::vector<std::string>& args, json::Writer& w) {
   }
   // 2. the release: store files hard-linked into the bundle's layout, then renamed into place
   std::string final_dir = px.Release(m.bundle_id), partial = final_dir + ".partial";
-  bool assembled = false;
+  bool assembled = false, repaired = false;
+  if (IsFile(final_dir + "/manifest.json") && CurrentId(px) != m.bundle_id) {
+    // Kept from an earlier install: assembled again when a file of it no longer matches (a failed
+    // deploy may have left it damaged), or deploying these bytes again could never succeed.
+    for (const Entry& e : m.files) {
+      std::string why;
+      if (Sha256File(final_dir + "/" + e.path, &why) != e.sha256) {
+        RemoveTree(final_dir);
+        repaired = true;
+        break;
+      }
+    }
+  }
   if (!IsFile(final_dir + "/manifest.json")) {
     RemoveTree(partial);
     MkdirP(partial);
@@ -902,7 +1017,8 @@ int Install(const std::vector<std::string>& args, json::Writer& w) {
   if (unit_file.rfind(px.Staging() + "/", 0) == 0) unlink(unit_file.c_str());
   if (sig_file.rfind(px.Staging() + "/", 0) == 0) unlink(sig_file.c_str());
   Begin(w, "install");
-  w.Key("release").String(m.bundle_id).Key("assembled").Bool(assembled).Key("stored_from_staging").Int(from_staging)
+  w.Key("release").String(m.bundle_id).Key("assembled").Bool(assembled).Key("repaired").Bool(repaired)
+      .Key("stored_from_staging").Int(from_staging)
       .Key("stored_from_agent").Int(from_agent);
   TrustJson(w, trust, sig);
   if (selftest) {
@@ -923,7 +1039,7 @@ void Switch(const Prefix& px, const std::string& id) {
     if (unlink(px.Current().c_str()) != 0 && errno != ENOENT) throw StepError("switch", px.Current() + ": " + Err());
     return;
   }
-  std::string tmp = px.root + "/.current.new";
+  std::string tmp = px.Base() + "/.current.new";
   unlink(tmp.c_str());
   if (symlink(("releases/" + id).c_str(), tmp.c_str()) != 0 || rename(tmp.c_str(), px.Current().c_str()) != 0)
     throw StepError("switch", px.Current() + ": cannot switch (" + Err() + ")");
@@ -932,15 +1048,102 @@ void Switch(const Prefix& px, const std::string& id) {
   utimensat(AT_FDCWD, px.Release(id).c_str(), now, AT_SYMLINK_NOFOLLOW);
 }
 
+// Copies the legacy layout's releases `ids` of bundle px.name into px's releases (hard links: no
+// second copy on disk), each with the unit the host rendered for it (staging/<id>.<unit>), so that a
+// rollback to them brings back a unit of the new layout; the legacy layout stays intact (its service
+// keeps running) until the new one is healthy (RetireLegacy). With no current release yet, the legacy
+// one becomes current. Returns the adopted ids.
+std::vector<std::string> Adopt(const Prefix& px, const std::vector<std::string>& ids, const std::string& unit) {
+  Prefix legacy = px.Legacy();
+  std::vector<std::string> done;
+  for (const std::string& id : ids) {
+    if (!ValidId(id) || !IsFile(legacy.Release(id) + "/manifest.json"))
+      throw StepError("adopt", "release '" + id + "' is not installed under " + legacy.Releases() + "; nothing was switched");
+    ReleaseFacts f = ReadReleaseFacts(legacy.Release(id));
+    if (f.name != px.name)
+      throw StepError("adopt", "release " + id.substr(0, 12) + " is bundle '" + f.name + "', not '" + px.name + "'; nothing was switched");
+    std::string staged = px.Staging() + "/" + id + "." + unit;
+    if (IsFile(px.Release(id) + "/manifest.json")) {
+      unlink(staged.c_str());
+      continue;
+    }
+    if (!IsFile(staged)) throw StepError("adopt", staged + ": the unit for release " + id.substr(0, 12) + " was not staged; nothing was switched");
+    std::string partial = px.Release(id) + ".partial";
+    RemoveTree(partial);
+    LinkTree(legacy.Release(id), partial);
+    RemoveTree(partial + "/.deploy");
+    MkdirP(partial + "/.deploy");
+    WriteAtomic(partial + "/.deploy/" + unit, ReadText(staged), 0644);
+    // Keep its age: releases are ordered by it (rollback picks the newest after current).
+    struct stat st;
+    if (stat(legacy.Release(id).c_str(), &st) == 0) {
+      struct timespec t[2] = {st.st_mtim, st.st_mtim};
+      utimensat(AT_FDCWD, partial.c_str(), t, 0);
+    }
+    if (rename(partial.c_str(), px.Release(id).c_str()) != 0) throw StepError("adopt", px.Release(id) + ": " + Err());
+    unlink(staged.c_str());
+    done.push_back(id);
+  }
+  std::string legacy_cur = CurrentId(legacy);
+  if (CurrentId(px).empty() && !legacy_cur.empty() && IsFile(px.Release(legacy_cur) + "/manifest.json")) {
+    struct stat st;
+    bool have = stat(px.Release(legacy_cur).c_str(), &st) == 0;
+    Switch(px, legacy_cur);
+    if (have) {     // Switch marks it newest; it is, of the adopted ones, but keep the recorded time
+      struct timespec t[2] = {st.st_mtim, st.st_mtim};
+      utimensat(AT_FDCWD, px.Release(legacy_cur).c_str(), t, 0);
+    }
+  }
+  return done;
+}
+
+// Whether the legacy layout's service serves bundle px.name (then this bundle's instance replaces it).
+bool LegacyServes(const Prefix& px) {
+  if (px.name.empty()) return false;
+  std::string cur = CurrentId(px.Legacy());
+  return !cur.empty() && ReadReleaseFacts(px.Legacy().Release(cur)).name == px.name;
+}
+
+// The legacy layout of bundle px.name, once its instance is healthy: its unit, its current link and
+// the releases adopted into px (their files live on in px's copies and the store).
+void RetireLegacy(const Prefix& px, const std::string& unit_dir, const Privileged& priv, json::Writer& w,
+                  std::vector<std::string>* warnings) {
+  Prefix legacy = px.Legacy();
+  std::string out, legacy_unit = unit_dir + "/" + kDefaultUnit;
+  if (IsFile(legacy_unit) || Exists(legacy_unit)) {
+    if (priv.Run("retire", {"rm", "-f", legacy_unit}, &out) != 0)
+      warnings->push_back("could not remove " + legacy_unit + ": " + LastLines(out, 1));
+    priv.Run("retire", {"systemctl", "daemon-reload"}, &out);
+  }
+  unlink(legacy.Current().c_str());
+  // Its releases of this bundle go: adopted ones live on in px, the others have no unit of the new
+  // layout to come back with (and would hold their store files forever).
+  w.Key("retired_legacy").BeginArray();
+  for (const std::string& r : Releases(legacy)) {
+    if (ReadReleaseFacts(legacy.Release(r)).name != px.name) continue;
+    try {
+      RemoveTree(legacy.Release(r));
+      w.String(r);
+    } catch (const std::exception& e) {
+      warnings->push_back(e.what());
+    }
+  }
+  w.EndArray();
+  if (List(legacy.Releases()).empty()) rmdir(legacy.Releases().c_str());
+}
+
 int Activate(const std::vector<std::string>& args, json::Writer& w) {
-  std::string prefix, id, unit_dir = "/etc/systemd/system", unit = kDefaultUnit, health = "30", keep_s, trust_file;
+  std::string prefix, name, id, unit_dir = "/etc/systemd/system", unit, health = "30", keep_s, trust_file;
   bool sudo = false;
-  std::vector<std::string> protect;
-  ArgParser("activate", args).Option("--prefix", &prefix).Option("--release", &id).Option("--unit-dir", &unit_dir)
-      .Option("--unit", &unit).Flag("--sudo", &sudo).Option("--health-timeout", &health).Option("--keep", &keep_s)
-      .Option("--trust-file", &trust_file).Repeated("--protect", &protect).Require("--prefix").Require("--release").Parse();
-  Prefix px = CheckedPrefix(prefix);
+  std::vector<std::string> protect, adopt;
+  ArgParser("activate", args).Option("--prefix", &prefix).Option("--name", &name).Option("--release", &id)
+      .Option("--unit-dir", &unit_dir).Option("--unit", &unit).Flag("--sudo", &sudo).Option("--health-timeout", &health)
+      .Option("--keep", &keep_s).Option("--trust-file", &trust_file).Repeated("--protect", &protect)
+      .Repeated("--adopt", &adopt).Require("--prefix").Require("--release").Parse();
+  Prefix px = CheckedPrefix(prefix, name);
+  if (unit.empty()) unit = px.Unit();
   if (!ValidUnitName(unit)) throw ArgError("--unit: '" + unit + "' is not a unit name (NAME.service)");
+  if (!adopt.empty() && px.name.empty()) throw ArgError("activate: --adopt needs --name");
   double health_s = std::strtod(health.c_str(), nullptr);
   int keep = keep_s.empty() ? 0 : ParseInt("--keep", keep_s, 1);   // checked before anything changes
   if (id == "none") id.clear();
@@ -959,8 +1162,10 @@ int Activate(const std::vector<std::string>& args, json::Writer& w) {
     RequireTrusted(trust, sig, "release " + id.substr(0, 12), nothing);
   }
   Privileged priv{sudo};
+  std::vector<std::string> adopted = Adopt(px, adopt, unit);
   std::string previous = CurrentId(px);
   bool systemd = !Which("systemctl").empty();
+  bool replaces_legacy = systemd && LegacyServes(px);
   std::vector<std::string> warnings;
   Begin(w, "activate");
   w.Key("previous");
@@ -968,14 +1173,26 @@ int Activate(const std::vector<std::string>& args, json::Writer& w) {
   w.Key("current");
   id.empty() ? w.Null() : w.String(id);
   w.Key("systemd").Bool(systemd);
+  w.Key("adopted").BeginArray();
+  for (const auto& a : adopted) w.String(a);
+  w.EndArray();
   if (!id.empty()) TrustJson(w, trust, sig);
   if (id.empty()) {
+    bool restore = systemd && LegacyServes(px) && IsFile(unit_dir + "/" + kDefaultUnit);
     if (systemd) {
       std::string out;
       priv.Run("stop", {"systemctl", "stop", unit}, &out);
     }
     Switch(px, "");
-    w.EndObject();
+    if (restore) {
+      // The first release of this bundle in the new layout failed, and nothing was adopted (an
+      // Ansible role or a Mender module, which render no units for the old releases): the
+      // single-service layout's service, still intact, serves again.
+      std::string out;
+      priv.Run("restart", {"systemctl", "enable", kDefaultUnit}, &out);
+      priv.Check("restart", {"systemctl", "restart", kDefaultUnit});
+    }
+    w.Key("legacy_restored").Bool(restore).EndObject();
     return 0;
   }
   if (systemd) {
@@ -999,6 +1216,11 @@ int Activate(const std::vector<std::string>& args, json::Writer& w) {
   }
   Switch(px, id);
   if (systemd) {
+    if (replaces_legacy) {
+      // The legacy service serves this bundle (on its address): this instance takes over from it.
+      std::string out;
+      priv.Run("restart", {"systemctl", "disable", "--now", kDefaultUnit}, &out);
+    }
     priv.Check("restart", {"systemctl", "restart", unit});
     std::string why;
     if (!WaitHealthy(px, health_s, &why)) {
@@ -1007,6 +1229,7 @@ int Activate(const std::vector<std::string>& args, json::Writer& w) {
       throw StepError("health", std::string("no healthy answer within ") + buf + " s (" + (why.empty() ? "no reply" : why) + ")");
     }
     w.Key("healthy").Bool(true);
+    if (replaces_legacy) RetireLegacy(px, unit_dir, priv, w, &warnings);
   } else {
     warnings.push_back("systemd not found: the service was not restarted and no health gate ran");
   }
@@ -1030,10 +1253,11 @@ int Activate(const std::vector<std::string>& args, json::Writer& w) {
 }
 
 int Gc(const std::vector<std::string>& args, json::Writer& w) {
-  std::string prefix, keep = "3";
+  std::string prefix, name, keep = "3";
   std::vector<std::string> protect;
-  ArgParser("gc", args).Option("--prefix", &prefix).Option("--keep", &keep).Repeated("--protect", &protect).Require("--prefix").Parse();
-  Prefix px = CheckedPrefix(prefix);
+  ArgParser("gc", args).Option("--prefix", &prefix).Option("--name", &name).Option("--keep", &keep)
+      .Repeated("--protect", &protect).Require("--prefix").Parse();
+  Prefix px = CheckedPrefix(prefix, name);
   GcResult g = CollectGarbage(px, ParseInt("--keep", keep, 1), std::set<std::string>(protect.begin(), protect.end()));
   Begin(w, "gc");
   w.Key("gc");
@@ -1042,28 +1266,15 @@ int Gc(const std::vector<std::string>& args, json::Writer& w) {
   return 0;
 }
 
-int Status(const std::vector<std::string>& args, json::Writer& w) {
-  std::string prefix, unit = kDefaultUnit;
-  ArgParser("status", args).Option("--prefix", &prefix).Option("--unit", &unit).Require("--prefix").Parse();
-  Prefix px = CheckedPrefix(prefix);
-  if (!ValidUnitName(unit)) throw ArgError("--unit: '" + unit + "' is not a unit name (NAME.service)");
+// One bundle's releases, service state and health (the fields of `status --name N`).
+void BundleStatus(json::Writer& w, const Prefix& px, const std::string& unit) {
   std::string cur = CurrentId(px);
-  Begin(w, "status");
-  w.Key("prefix").String(px.root).Key("current");
+  w.Key("current");
   cur.empty() ? w.Null() : w.String(cur);
-  w.Key("releases").BeginArray();
+  w.Key("unit").String(unit).Key("releases").BeginArray();
   for (const std::string& r : Releases(px)) {
-    json::Value doc;
-    std::string err, name = "?", board = "?", created = "?";
-    try {
-      if (json::Parse(ReadText(px.Release(r) + "/manifest.json"), &doc, &err) && doc.IsObject()) {
-        name = StrOf(doc.Find("name"));
-        created = StrOf(doc.Find("created"));
-        if (const json::Value* b = doc.Find("board"); b && b->IsObject()) board = StrOf(b->Find("name"));
-      }
-    } catch (const std::exception&) {
-    }
-    w.BeginObject().Key("id").String(r).Key("name").String(name).Key("board").String(board).Key("created").String(created)
+    ReleaseFacts f = ReadReleaseFacts(px.Release(r));
+    w.BeginObject().Key("id").String(r).Key("name").String(f.name).Key("board").String(f.board).Key("created").String(f.created)
         .Key("current").Bool(r == cur).EndObject();
   }
   w.EndArray();
@@ -1078,7 +1289,38 @@ int Status(const std::vector<std::string>& args, json::Writer& w) {
   bool healthy = !cur.empty() && Probe(px, &why);
   w.Key("service").String(service).Key("healthy").Bool(healthy);
   if (!healthy && !why.empty()) w.Key("health_problem").String(why);
-  w.EndObject();
+}
+
+int Status(const std::vector<std::string>& args, json::Writer& w) {
+  std::string prefix, name, unit;
+  ArgParser("status", args).Option("--prefix", &prefix).Option("--name", &name).Option("--unit", &unit).Require("--prefix").Parse();
+  Prefix px = CheckedPrefix(prefix, name);
+  if (unit.empty()) unit = px.Unit();
+  if (!ValidUnitName(unit)) throw ArgError("--unit: '" + unit + "' is not a unit name (NAME.service)");
+  Begin(w, "status");
+  w.Key("prefix").String(px.root);
+  if (!name.empty()) {
+    w.Key("name").String(name);
+    BundleStatus(w, px, unit);
+    w.EndObject();
+    return 0;
+  }
+  // Every bundle of the device; the legacy layout's as one more, named after its current release.
+  w.Key("bundles").BeginArray();
+  for (const std::string& n : BundleNames(px)) {
+    w.BeginObject().Key("name").String(n).Key("layout").String("bundles");
+    BundleStatus(w, px.Named(n), px.Named(n).Unit());
+    w.EndObject();
+  }
+  Prefix legacy = px.Legacy();
+  std::string legacy_cur = CurrentId(legacy);
+  if (!legacy_cur.empty() || !Releases(legacy).empty()) {
+    w.BeginObject().Key("name").String(legacy_cur.empty() ? "?" : ReadReleaseFacts(legacy.Release(legacy_cur)).name)
+        .Key("layout").String("legacy");
+    BundleStatus(w, legacy, kDefaultUnit);
+    w.EndObject();
+  }
+  w.EndArray().EndObject();
   return 0;
 }
 

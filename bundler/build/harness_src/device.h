@@ -1,18 +1,23 @@
 // The device side of a deploy, as tvm-deploy subcommands (the host ships them in the bundle's own
 // harness, the way Ansible ships its modules): each takes argv and prints one JSON document.
 //
-//   survey   --prefix P [--unit-dir U] [--sudo] [--want SHA]...    every fact preflight needs
-//   prepare  --prefix P [--sudo]                                   create the layout (through sudo: chown)
-//   install  --prefix P --manifest M|--release DIR [--unit FILE] [--from DIR] [--selftest]
+//   survey   --prefix P [--name N] [--unit-dir U] [--sudo] [--want SHA]...   every fact preflight needs
+//   prepare  --prefix P [--name N] [--sudo]                       create the layout (through sudo: chown)
+//   install  --prefix P [--name N] --manifest M|--release DIR [--unit FILE] [--from DIR] [--selftest]
 //            [--signature SIG] [--trust-file F]
-//   activate --prefix P --release ID|none [--unit-dir U] [--unit NAME] [--sudo]
-//            [--health-timeout S] [--keep N] [--protect ID]... [--trust-file F]
-//   gc       --prefix P --keep N [--protect ID]...
-//   status   --prefix P [--unit NAME]
+//   activate --prefix P [--name N] --release ID|none [--unit-dir U] [--unit NAME] [--sudo]
+//            [--health-timeout S] [--keep N] [--protect ID]... [--adopt ID]... [--trust-file F]
+//   gc       --prefix P [--name N] --keep N [--protect ID]...
+//   status   --prefix P [--name N] [--unit NAME]
 //
-// Layout under P: store/sha256/<hex> (files by content), releases/<id>/ (store files hard-linked
-// into the bundle's layout, plus manifest.json and .deploy/<unit>), current -> releases/<id>,
-// staging/ (uploads: <sha>.part, <id>.manifest.json, <id>.service).
+// Layout under P (bundler/package/layout.py): store/sha256/<hex> (files by content, shared by every
+// bundle), staging/ (uploads: <sha>.part, <id>.manifest.json, <id>.<unit>), and per bundle name N
+// bundles/N/releases/<id>/ (store files hard-linked into the bundle's layout, plus manifest.json and
+// .deploy/<unit>), bundles/N/current -> releases/<id>, unit tvmbundle@N.service. Without --name the
+// commands act on the single-service layout of tvmbundle 0.1 (P/releases, P/current, tvmbundle.service),
+// which `activate --name N --adopt ID...` takes over when it serves bundle N: its releases are hard-linked
+// into bundles/N with the units the host staged for them, its service is stopped when N's instance
+// starts, and it is removed once that instance is healthy.
 // Signed releases: when the trust file (default /etc/tvmbundle/allowed_signers, root's, 0644; an
 // OpenSSH allowed_signers file) lists a key, install requires manifest.json.sig (--signature SIG, else
 // M.sig beside the manifest, DIR/manifest.json.sig for --release) to be a valid `ssh-keygen -Y sign -n
