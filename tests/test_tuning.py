@@ -117,6 +117,17 @@ def _kernels(model: Path, board: str = "x86_64") -> list[str]:
 
 @pytest.mark.slow
 @needs_tuning
+def default_times(db_path: Path, secs: float | None = None) -> dict[str, float]:
+    """What tune measured for the default schedules of the kernels; with ``secs``, every one of them
+    set to that (a record applies only where it beats its kernel's default: timings decide that, so
+    tests that count applied records fix them)."""
+    data = json.loads((db_path / tuning.DEFAULTS).read_text())
+    if secs is not None:
+        data = {k: secs for k in data}
+        (db_path / tuning.DEFAULTS).write_text(json.dumps(data))
+    return data
+
+
 def test_native_tune_make_and_resume(tmp_path, run_cli):
     m = fresh(tiny(tmp_path / "tiny.onnx"), "x86_64")
     code, out, err = run_cli("tune", "x86_64", "--model", str(m), "--trials", "3", "--json", "-q")
@@ -140,7 +151,11 @@ def test_native_tune_make_and_resume(tmp_path, run_cli):
     assert again["measured"] == 0 and again["stopped"] == "already tuned"
     assert (db_path / tuning.RECORDS).read_text() == before
 
+    # The kernel's default schedule was measured too, by the same runner.
+    assert len(default_times(db_path)) == 1 and all(0 < v < 1 for v in default_times(db_path).values())
+
     # make applies it, says so in the manifest, and the tuned bundle passes its selftest.
+    default_times(db_path, 1e9)                       # the records beat the default schedule
     result = api.make("x86_64", m, out_dir=tmp_path / "dist")
     assert result.verified and result.verified.ok
     t = result.manifest.tuning
@@ -152,6 +167,13 @@ def test_native_tune_make_and_resume(tmp_path, run_cli):
     # --no-tuning builds another model library (and says no database was used).
     plain = api.make("x86_64", m, out_dir=tmp_path / "plain", tuned=False, run_verify=False)
     assert plain.manifest.tuning is None and plain.bundle_id != result.bundle_id
+
+    # A record no faster than the kernel's default schedule is not applied: the default one is.
+    default_times(db_path, 1e-12)
+    lost = api.make("x86_64", m, out_dir=tmp_path / "lost", run_verify=False)
+    t = lost.manifest.tuning
+    assert (t["kernels_tuned"], t["kernels_defaulted"], t["kernels_default_faster"]) == (0, 1, 1)
+    assert lost.bundle_id != result.bundle_id
 
 
 @needs_tuning
@@ -195,6 +217,7 @@ def test_a_kernel_tuned_for_one_model_serves_another(tmp_path):
     assert _records_by_kernel(db_path) == {shared: 2}
 
     # b, never tuned: its make takes the shared kernel from a's tuning, defaults the other.
+    default_times(db_path, 1e9)
     made = api.make("x86_64", b, out_dir=tmp_path / "dist", run_verify=False)
     t = made.manifest.tuning
     assert (t["kernels"], t["kernels_tuned"], t["kernels_from_other_models"], t["kernels_defaulted"]) == (1 + 1, 0, 1, 1)
@@ -204,6 +227,7 @@ def test_a_kernel_tuned_for_one_model_serves_another(tmp_path):
     assert second.previously == 2 and second.kernels_skipped == 1 and second.kernels_measured == 1
     counts = _records_by_kernel(db_path)
     assert counts[shared] == 2 and counts[own] == second.measured > 0
+    default_times(db_path, 1e9)
     t = api.make("x86_64", b, out_dir=tmp_path / "dist2", run_verify=False).manifest.tuning
     assert (t["kernels_tuned"], t["kernels_from_other_models"], t["kernels_defaulted"]) == (1, 1, 0)
 
@@ -273,12 +297,13 @@ _SLOW_MARK = "TVMBUNDLE_TEST_SLOW_EXPORT"
 
 
 def _slow_after_two(mod):
-    """An f_export for the builder: the first two candidates of the (single) worker export at
-    once, every later one hangs (a build that would take minutes)."""
+    """An f_export for the builder: the first four builds of the (single) worker export at once
+    (the two kernels' default schedules, measured before the search, then the first round's two
+    candidates), every later one hangs (a build that would take minutes)."""
     from tvm.s_tir.meta_schedule.builder.local_builder import default_export
 
     n = globals()["_calls"] = globals().get("_calls", 0) + 1
-    if n > 2:
+    if n > 4:
         Path(os.environ[_SLOW_MARK]).write_text(str(os.getpid()))
         time.sleep(600)
     return default_export(mod)

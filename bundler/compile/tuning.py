@@ -62,6 +62,7 @@ log = logging.getLogger("tvmbundle")
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
 META = "tuning.json"
+DEFAULTS = "default_schedules.json"    # what the default schedule of each kernel measured
 MODELS = "models"
 LOCK = ".lock"
 EXPORT_FORMAT = "tvmbundle-tuning-records"
@@ -241,6 +242,22 @@ class Store:
         except OSError as e:           # a read-only --tuning-db folder: the index is only a cache
             log.debug("cannot write %s: %s", self.model_file(model_id), e)
 
+    def defaults(self) -> dict[str, float]:
+        """Workload hash -> mean run time of tvmbundle's default schedule of that kernel, measured
+        by `tune` with the same builder and runner as the candidates (:meth:`_Loop.measure_defaults`)."""
+        try:
+            data = json.loads((self.path / DEFAULTS).read_text()) if (self.path / DEFAULTS).is_file() else {}
+        except ValueError:
+            return {}
+        return {k: float(v) for k, v in data.items() if isinstance(v, (int, float))} if isinstance(data, dict) else {}
+
+    def add_defaults(self, secs: dict[str, float]) -> None:
+        with self.lock():
+            merged = {**self.defaults(), **secs}
+            tmp = self.path / f".{DEFAULTS}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
+            tmp.replace(self.path / DEFAULTS)
+
     def meta(self) -> dict[str, Any]:
         try:
             return json.loads((self.path / META).read_text()) if (self.path / META).is_file() else {}
@@ -280,6 +297,7 @@ class Applied:
     reused: int               # ... with records only from other models (or imported)
     defaulted: int            # ... without a good record: default schedules
     records: int              # records the database has for the model's kernels
+    default_faster: int = 0   # kernels whose best record lost to the default schedule (not applied)
 
 
 @dataclass(frozen=True)
@@ -311,7 +329,8 @@ class Database:
                 "workloads": u["kernels_tuned"] + u["kernels_from_other_models"],
                 "records_sha256": u["records_sha256"], "kernels": u["kernels"],
                 "kernels_tuned": u["kernels_tuned"], "kernels_from_other_models": u["kernels_from_other_models"],
-                "kernels_defaulted": u["kernels_defaulted"], "apache-tvm": self.meta.get("apache-tvm")}
+                "kernels_defaulted": u["kernels_defaulted"],
+                "kernels_default_faster": u.get("kernels_default_faster", 0), "apache-tvm": self.meta.get("apache-tvm")}
 
     def for_model(self, prepared, model_id: str, source: Path, recipe: Recipe) -> Applied:
         """The best record of each of the model's kernels, as a database folder of its own (in the
@@ -331,8 +350,17 @@ class Database:
                 secs = _good(rec)
                 if secs is not None and (shash not in best or secs < best[shash][0]):
                     best[shash] = (secs, rec)
+        # A record that is no faster than tvmbundle's default schedule of its kernel (measured by the
+        # same runner) is not applied: the default one is, with its weights packed at compile time,
+        # which MetaSchedule's candidates cannot do in TVM 0.27 (a trace with a layout rewrite does
+        # not serialize), so on convolutions tuning alone can lose to the defaults.
+        defaults = store.defaults()
+        lost = {s for s, (secs, _rec) in best.items() if s in defaults and defaults[s] <= secs}
+        for s in lost:
+            del best[s]
         tuned = sum(1 for s in best if s in measured_here)
-        applied = Applied(None, None, len(wanted), tuned, len(best) - tuned, len(wanted) - len(best), records)
+        applied = Applied(None, None, len(wanted), tuned, len(best) - tuned, len(wanted) - len(best), records,
+                          len(lost))
         if best:
             order = sorted(best)
             wl_text = "".join(json.dumps(wls[s]) + "\n" for s in order)
@@ -346,11 +374,12 @@ class Database:
 
             entry = cache.get("tuning-applied", digest, build)
             applied = Applied(entry.path, cache.sha256_file(entry.path / RECORDS), *[
-                getattr(applied, f) for f in ("kernels", "tuned", "reused", "defaulted", "records")])
+                getattr(applied, f) for f in ("kernels", "tuned", "reused", "defaulted", "records", "default_faster")])
         self.usage.clear()
         self.usage.update({"records_sha256": applied.sha256, "kernels": applied.kernels,
                            "kernels_tuned": applied.tuned, "kernels_from_other_models": applied.reused,
-                           "kernels_defaulted": applied.defaulted, "model_records": applied.records})
+                           "kernels_defaulted": applied.defaulted, "model_records": applied.records,
+                           "kernels_default_faster": applied.default_faster})
         return applied
 
 
@@ -424,13 +453,24 @@ def model_kernels(store: Store, prepared, model_id: str, source: Path, recipe: R
 
 def extract(prepared, source: Path, recipe: Recipe):
     """MetaSchedule's tasks for the model's kernels that are not scheduled already."""
+    return extract_with_weights(prepared, source, recipe)[0]
+
+
+def extract_with_weights(prepared, source: Path, recipe: Recipe):
+    """:func:`extract`, and for each kernel's name the parameters that are constant weights (what
+    make's default schedules may repack at compile time), as AttachAttrLayoutFreeBuffers marks them."""
     import tvm
+    from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
     target = tvm.target.Target(board_target(recipe))
     mod = lower_for_tuning(to_relax(prepared, source), target)
-    return [t for t in ms.relax_integration.extract_tasks(mod, target)
-            if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
+             if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
+    marked = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
+    weights = {gv.name_hint: f.attrs["layout_free_buffers"] for gv, f in marked.functions_items()
+               if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "layout_free_buffers" in f.attrs}
+    return tasks, weights
 
 
 def _workload_json(mod) -> list:
@@ -589,7 +629,7 @@ def _tune(session, recipe, prepared, model_id, source, versions, trials, runner,
     target = tvm.target.Target(target_dict)
     store = open_store(target_dict, versions)
     _cpu_tensor_intrinsics(target)
-    tasks = extract(prepared, source, recipe)
+    tasks, weights = extract_with_weights(prepared, source, recipe)
     if not tasks:
         return TuneResult(open_database(store.path), 0, 0, 0, 0.0, "no tasks")
     if session.stopped():
@@ -607,7 +647,8 @@ def _tune(session, recipe, prepared, model_id, source, versions, trials, runner,
     check_serialization()
     work = [(t, k, n) for t, k, n in zip(tasks, kernels, need) if n > 0]
     loop = _Loop(session, store, target, work, runner, builder, model_id,
-                 lambda done: on_progress(previously + done, previously + sum(need)) if on_progress else None)
+                 lambda done: on_progress(previously + done, previously + sum(need)) if on_progress else None,
+                 weights)
     try:
         loop.run()
     except KeyboardInterrupt:        # a second Ctrl-C: stop now, still keeping what was committed
@@ -669,10 +710,11 @@ class _Loop:
     POLL = 0.05
 
     def __init__(self, session: _Session, store: Store, target, work, runner, builder, model_id: str,
-                 on_batch: Callable[[int], None]) -> None:
+                 on_batch: Callable[[int], None], weights: dict[str, Any] | None = None) -> None:
         from tvm.s_tir import meta_schedule as ms
 
         self.ms = ms
+        self.weights = weights or {}
         self.session, self.store, self.target, self.runner = session, store, target, runner
         self.on_batch = on_batch
         self.measured = 0
@@ -705,6 +747,7 @@ class _Loop:
             t = threading.Thread(target=self._measure_worker, daemon=True, name="tvmbundle-measure")
             t.start()
             self.threads.append(t)
+        self.measure_defaults()
         threads = max(1, min(os.cpu_count() or 1, 2))
         cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=threads, tree_method="auto")
         database = self.database = ms.database.MemoryDatabase()
@@ -742,6 +785,44 @@ class _Loop:
             t["done"] += len(cands)
             if t["done"] >= t["need"]:
                 tasks.remove(t)
+
+    def measure_defaults(self) -> None:
+        """tvmbundle's default schedule of each kernel, built and measured like a candidate (its
+        weight repacking removed, as MetaSchedule's builder removes a candidate's): make applies a
+        tuning record only where it beats this. Kernels measured before are not measured again."""
+        import types
+
+        import tvm
+
+        from bundler.compile.schedules import ApplySchedules, rules
+
+        known = self.store.defaults()
+        todo, cands = [], []
+        for task, kernel, _need in self.work:
+            if kernel["workload"] in known:
+                continue
+            func = task.dispatched[0]["main"]
+            if task.task_name in self.weights:
+                func = func.with_attr("layout_free_buffers", self.weights[task.task_name])
+            try:
+                with self.target:
+                    scheduled = ApplySchedules(*rules(self.target))(tvm.IRModule({"main": func}))
+                args = self.ms.arg_info.ArgInfo.from_prim_func(func)
+            except Exception as e:  # noqa: BLE001 -- no default to compare with: records apply as before
+                log.info("%s: no default schedule to measure (%s)", task.task_name, e)
+                continue
+            todo.append(kernel["workload"])
+            cands.append(types.SimpleNamespace(sch=types.SimpleNamespace(mod=scheduled), args_info=args))
+        if not cands or self.session.stopped():
+            return
+        results = self._measure_batch(cands)
+        secs = {}
+        for shash, r in zip(todo, results):
+            if r is not None and r.run_secs is not None:
+                runs = [float(x) for x in r.run_secs]
+                secs[shash] = sum(runs) / len(runs)
+        if secs:
+            self.store.add_defaults(secs)
 
     def _commit(self, t, cands, results) -> None:
         ms = self.ms
