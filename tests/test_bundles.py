@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tarfile
 import time
 from pathlib import Path
@@ -120,8 +121,6 @@ def _legacy_install(dev, bundle: Path, tmp: Path) -> str:
     m = manifest(bundle)
     staged = f"/home/pi/{top.name}"
     dev.sh(f"rm -rf {staged}", check=True)
-    import shutil
-
     shutil.copytree(top, dev.path(staged), symlinks=True)
     legacy_unit = render_unit(bundle_mod.load_manifest(top, str(bundle)), PREFIX).replace(
         layout.current(PREFIX, m["name"]), f"{PREFIX}/current")
@@ -206,12 +205,9 @@ def test_without_adoption_a_failed_first_release_gives_the_device_back_to_the_ol
     a_id, b_id = _legacy_install(dev, a, tmp_path), manifest(b)["bundle_id"]
     top = bundle_mod.extract(b, tmp_path / "b")
     staged = f"/home/pi/{top.name}"
-    import shutil
-
     shutil.copytree(top, dev.path(staged), symlinks=True)
     (model := dev.path(f"{staged}/model/model.so")).unlink()
     model.write_text("broken\n")                      # does not match the manifest
-    m = json.loads(dev.path(f"{staged}/manifest.json").read_text())
     dev.path(f"/home/pi/{b_id}.tvmbundle@net.service").write_text(
         render_unit(bundle_mod.load_manifest(top, str(b)), PREFIX))
     dev.sh("chown -R pi: /home/pi", check=True)
@@ -238,4 +234,3 @@ def test_without_adoption_a_failed_first_release_gives_the_device_back_to_the_ol
     assert serves(dev.service_url, a, wait=15) and dev.current_id(name="net") is None
     assert os.readlink(dev.path(f"{PREFIX}/current")) == f"releases/{a_id}"
     assert dev.sh("systemctl is-enabled tvmbundle.service").stdout.strip() == "enabled"
-    assert m["bundle_id"] == b_id
