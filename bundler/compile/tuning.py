@@ -460,6 +460,7 @@ def extract_with_weights(prepared, source: Path, recipe: Recipe):
     """:func:`extract`, and for each kernel's name the parameters that are constant weights (what
     make's default schedules may repack at compile time), as AttachAttrLayoutFreeBuffers marks them."""
     import tvm
+    import tvm_ffi
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
@@ -467,9 +468,17 @@ def extract_with_weights(prepared, source: Path, recipe: Recipe):
     mod = lower_for_tuning(to_relax(prepared, source), target)
     tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
              if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
+    # The pass marks copies of the kernels under new names (fused_conv2d_add_relu1): match them to
+    # the tasks by the kernel body, which the marking leaves as it is.
     marked = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
-    weights = {gv.name_hint: f.attrs["layout_free_buffers"] for gv, f in marked.functions_items()
+    by_body = {tvm_ffi.structural_hash(f.body, map_free_vars=True): f.attrs["layout_free_buffers"]
+               for _gv, f in marked.functions_items()
                if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "layout_free_buffers" in f.attrs}
+    weights = {}
+    for t in tasks:
+        lf = by_body.get(tvm_ffi.structural_hash(t.dispatched[0]["main"].body, map_free_vars=True))
+        if lf is not None:
+            weights[t.task_name] = lf
     return tasks, weights
 
 
@@ -807,7 +816,8 @@ class _Loop:
             try:
                 with self.target:
                     scheduled = ApplySchedules(*rules(self.target))(tvm.IRModule({"main": func}))
-                args = self.ms.arg_info.ArgInfo.from_prim_func(func)
+                # the arguments as the kernel takes them once its repacking is removed (packed weights)
+                args = self.ms.arg_info.ArgInfo.from_entry_func(scheduled, remove_preproc=True)
             except Exception as e:  # noqa: BLE001 -- no default to compare with: records apply as before
                 log.info("%s: no default schedule to measure (%s)", task.task_name, e)
                 continue
