@@ -453,21 +453,28 @@ def model_kernels(store: Store, prepared, model_id: str, source: Path, recipe: R
 
 def extract(prepared, source: Path, recipe: Recipe):
     """MetaSchedule's tasks for the model's kernels that are not scheduled already."""
-    return extract_with_weights(prepared, source, recipe)[0]
+    return _lowered_tasks(prepared, source, recipe)[1]
 
 
-def extract_with_weights(prepared, source: Path, recipe: Recipe):
-    """:func:`extract`, and for each kernel's name the parameters that are constant weights (what
-    make's default schedules may repack at compile time), as AttachAttrLayoutFreeBuffers marks them."""
+def _lowered_tasks(prepared, source: Path, recipe: Recipe):
     import tvm
-    import tvm_ffi
-    from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
     target = tvm.target.Target(board_target(recipe))
     mod = lower_for_tuning(to_relax(prepared, source), target)
-    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
-             if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
+    return mod, [t for t in ms.relax_integration.extract_tasks(mod, target)
+                 if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
+
+
+def extract_with_weights(prepared, source: Path, recipe: Recipe):
+    """:func:`extract`, and for each kernel's name the parameters that are constant weights (what
+    make's default schedules may repack at compile time), as AttachAttrLayoutFreeBuffers marks them.
+    Only `tune` needs the weights: make's lookup of a model's kernels does not mark them."""
+    import tvm
+    import tvm_ffi
+    from tvm import relax
+
+    mod, tasks = _lowered_tasks(prepared, source, recipe)
     # The pass marks copies of the kernels under new names (fused_conv2d_add_relu1): match them to
     # the tasks by the kernel body, which the marking leaves as it is.
     marked = relax.transform.AttachAttrLayoutFreeBuffers()(mod)

@@ -122,7 +122,7 @@ class Slot:
 
     def release_dir(self, bundle_id: str) -> str:
         return (layout.release_dir(self.prefix, self.name, bundle_id) if self.name
-                else f"{self.prefix}/releases/{bundle_id}")
+                else layout.legacy_release_dir(self.prefix, bundle_id))
 
 
 def q(s: str) -> str:
@@ -305,7 +305,8 @@ def _legacy_to_adopt(target: Target, manifest: Manifest, prefix: str, facts: dic
         if rel.get("name") != manifest.name or "manifest" not in rel:
             continue
         try:
-            old = Manifest.from_json(json.loads(rel["manifest"]), f"{prefix}/releases/{rel['id']}/manifest.json")
+            old = Manifest.from_json(json.loads(rel["manifest"]),
+                                     f"{layout.legacy_release_dir(prefix, rel['id'])}/manifest.json")
             units[rel["id"]] = render_unit(old, prefix)
         except (UserError, ValueError) as e:
             if rel["id"] == legacy.get("current"):
@@ -613,7 +614,7 @@ def _any_agent(prefix: str) -> str:
     current release's (a device updated by Ansible or Mender has no agent folder), else the legacy
     layout's (an older harness: it answers for that layout only); the caller runs `"$A" ...`."""
     bundles = f"{q(prefix)}/bundles/*/current/bin/tvm-deploy"
-    legacy = q(f"{prefix}/current/bin/tvm-deploy")
+    legacy = q(f"{layout.legacy_current(prefix)}/bin/tvm-deploy")
     return (f"A=; for a in $(ls -t {AGENT_HOME}*/bin/tvm-deploy 2>/dev/null) {bundles}; do "
             f"if [ -x \"$a\" ] && \"$a\" --help 2>/dev/null | {_CAPABLE}; then A=$a; break; fi; done; "
             f"if [ -z \"$A\" ] && [ -x {legacy} ] && {legacy} --help 2>/dev/null | grep -q ' survey '; then A={legacy}; fi; "

@@ -52,3 +52,13 @@ def current(prefix: str, name: str) -> str:
 
 def current_target(bundle_id: str) -> str:
     return f"releases/{bundle_id}"
+
+
+# The single-service layout of tvmbundle 0.1, which deploy reads and adopts.
+
+def legacy_release_dir(prefix: str, bundle_id: str) -> str:
+    return f"{prefix.rstrip('/')}/releases/{bundle_id}"
+
+
+def legacy_current(prefix: str) -> str:
+    return f"{prefix.rstrip('/')}/current"
