@@ -510,3 +510,65 @@ def test_bundle_verifies_under_qemu(board, tmp_path):
     by_shape = {g.shape: g for g in got}
     for w in want:
         assert_close([by_shape[w.shape]], [w])
+
+
+# --- knobs: the choices `tune` varies ------------------------------------------------------------
+
+KNOB_CASES = [c for c in CASES if c[3] in ("Conv2D", "Matmul")]
+
+
+def _knob_spaces(model: onnx.ModelProto, t) -> dict[str, tuple[str, dict]]:
+    """kernel_key -> (rule, knob space) of each kernel a rule with knobs schedules, as make's
+    pipeline sees the kernel (weights marked)."""
+    mod = from_onnx(model, keep_params_in_input=False)
+    with t:
+        mod = tvm.transform.Sequential([*_pre_passes(), relax.transform.AttachAttrLayoutFreeBuffers()])(mod)
+        out = {}
+        for _gv, f in mod.functions_items():
+            if isinstance(f, tvm.tirx.PrimFunc):
+                _s, rule, knobs = schedules.schedule_kernel(f, t, schedules.rules(t))
+                if knobs is not None and knobs.space:
+                    out[schedules.kernel_key(f)] = (rule, knobs.space)
+    return out
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("case, factory, kernel, rule", KNOB_CASES, ids=[c[0] for c in KNOB_CASES])
+def test_every_knob_value_agrees_with_onnxruntime(case, factory, kernel, rule, target):
+    """Every value of every knob a rule offers `tune` (each one changed alone from the rule's own
+    choice) schedules the kernel correctly, and make's pipeline applies it: the kernel carries
+    the knobs it was scheduled with."""
+    model = factory()
+    t = tvm.target.Target(TARGETS[target])
+    spaces = _knob_spaces(model, t)
+    feeds = inputs_for(model)
+    want = run_onnxruntime(model, feeds)
+    tried = 0
+    for key, (rule_name, space) in spaces.items():
+        for name, (default, options) in space.items():
+            for v in options:
+                if v == default:
+                    continue
+                tuned = {key: {"rule": rule_name, "knobs": {name: v}}}
+                ex, mod = build(model, TARGETS[target], schedules.default_schedule_pass(t, tuned))
+                marks = [str(f.attrs[schedules.KNOBS_ATTR]) for _gv, f in mod.functions_items()
+                         if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and schedules.KNOBS_ATTR in f.attrs]
+                assert marks == [f"{name}={v}"], (name, v, marks)
+                assert_close(run_tvm(ex, feeds), want)
+                tried += 1
+    if rule == "Conv2D" or case.startswith("gemm-small") or case.startswith("matmul"):
+        assert tried > 0, spaces
+
+
+def test_knobs_without_a_value_are_the_rules_own_choices():
+    """A kernel with no tuned knobs, or knobs for another rule, or values the rule does not offer,
+    is scheduled exactly as the rule alone schedules it."""
+    model = conv(c=24, hw=15, oc=24, groups=24)
+    t = tvm.target.Target(TARGETS["native"])
+    (key, (rule, space)), = _knob_spaces(model, t).items()
+    _, plain = lower(model, TARGETS["native"])
+    for tuned in ({key: {"rule": "Matmul", "knobs": {n: o[-1] for n, (_d, o) in space.items()}}},
+                  {key: {"rule": rule, "knobs": {n: 999 for n in space}}},
+                  {"0" * 16: {"rule": rule, "knobs": {n: o[-1] for n, (_d, o) in space.items()}}}):
+        _, mod = lower(model, TARGETS["native"], schedules.default_schedule_pass(t, tuned))
+        assert tvm_ffi.structural_equal(mod, plain), tuned

@@ -20,7 +20,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.s_tir.stmt import SBlock
 from tvm.target import Target
 
-from .base import PREPROC, RULE_ATTR
+from .base import KNOBS_ATTR, PREPROC, RULE_ATTR, CPURule, Knobs
 from .conv import Conv2D
 from .cpu import CPU, describe
 from .elementwise import Elementwise
@@ -31,16 +31,20 @@ from .reduction import Reduction, WindowReduction
 
 __all__ = [
     "CPU",
+    "KNOBS_ATTR",
     "ApplySchedules",
     "Conv2D",
     "Elementwise",
     "Fallback",
+    "Knobs",
     "Matmul",
     "Reduction",
     "WindowReduction",
     "default_schedule_pass",
     "describe",
+    "kernel_key",
     "rules",
+    "schedule_kernel",
     "scheduled_by",
 ]
 
@@ -57,13 +61,40 @@ def scheduled_by(mod: tvm.IRModule) -> dict[str, str]:
             if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and RULE_ATTR in f.attrs}
 
 
+def kernel_key(func: tvm.tirx.PrimFunc) -> str:
+    """What identifies a kernel to its tuned knobs: the structural hash of its body, which is
+    the same in `tune`'s extracted task and in make's pipeline (where AttachAttrLayoutFreeBuffers
+    has renamed the kernel and added attributes, so MetaSchedule's workload hash differs)."""
+    return f"{tvm_ffi.structural_hash(func.body, map_free_vars=True) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def schedule_kernel(func: tvm.tirx.PrimFunc, target: Target, rule_list: list[ScheduleRule],
+                    tuned: dict | None = None):
+    """(scheduled function, the rule's name, its knobs) for the first rule that takes ``func``, or
+    (None, None, None). ``tuned`` ({"rule": name, "knobs": {...}}, from `tune`) fixes the knobs
+    of the rule it names; another rule taking the kernel ignores them."""
+    for rule in rule_list:
+        name = type(rule).__name__
+        knobs = Knobs(tuned.get("knobs") if tuned and tuned.get("rule") == name else None)
+        sch = rule.apply(func, target, False, knobs) if isinstance(rule, CPURule) else rule.apply(func, target, False)
+        if sch is not None:
+            out = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr(RULE_ATTR, name)
+            if knobs.chosen():
+                out = out.with_attr(KNOBS_ATTR, ",".join(f"{k}={v}" for k, v in sorted(knobs.chosen().items())))
+            return out, name, knobs
+    return None, None, None
+
+
 @tvm.transform.module_pass(opt_level=0, name="tvmbundle.ApplySchedules")
 class ApplySchedules:
     """dlight's ApplyDefaultSchedule, which also names the rule in each kernel's attributes
-    (``tvmbundle.schedule_rule``): what scheduled a kernel shows in any dump of the IR."""
+    (``tvmbundle.schedule_rule``, and ``tvmbundle.knobs`` where tuned knobs changed it): what
+    scheduled a kernel shows in any dump of the IR. ``tuned``: :func:`kernel_key` -> the knobs
+    `tune` found for that kernel."""
 
-    def __init__(self, *rules: ScheduleRule):
+    def __init__(self, *rules: ScheduleRule, tuned: dict[str, dict] | None = None):
         self.rules = list(rules)
+        self.tuned = tuned or {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         updates = {}
@@ -72,12 +103,10 @@ class ApplySchedules:
                 continue
             target = func.attrs.get("target") if func.attrs else None
             target = target or Target.current(allow_none=False)
-            for rule in self.rules:
-                sch = rule.apply(func, target, False)
-                if sch is not None:
-                    updates[gv] = (sch.mod["main"].with_attr("tirx.is_scheduled", True)
-                                   .with_attr(RULE_ATTR, type(rule).__name__))
-                    break
+            out, _name, _knobs = schedule_kernel(func, target, self.rules,
+                                                 self.tuned.get(kernel_key(func)) if self.tuned else None)
+            if out is not None:
+                updates[gv] = out
         for gv, func in updates.items():
             mod[gv] = func
         return mod
@@ -115,7 +144,7 @@ def _split_layout_rewrite_preproc(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return out
 
 
-def default_schedule_pass(target: Target | None = None) -> tvm.transform.Pass:
+def default_schedule_pass(target: Target | None = None, tuned: dict[str, dict] | None = None) -> tvm.transform.Pass:
     """Schedule every kernel not scheduled yet; in the Relax pipeline after FuseTIR (and after
     MetaScheduleApplyDatabase, which it leaves alone), before the dataflow lowering.
 
@@ -123,11 +152,12 @@ def default_schedule_pass(target: Target | None = None) -> tvm.transform.Pass:
     tells the rules which kernel parameters are constant weights (only those are repacked);
     SplitLayoutRewritePreproc splits the repacking out of the kernels; numpy (:mod:`.packing`;
     FoldConstant for anything it does not recognize) runs it at compile time; a second
-    ApplySchedules catches a packing kernel that could not be folded, so none runs unscheduled."""
+    ApplySchedules catches a packing kernel that could not be folded, so none runs unscheduled.
+    ``tuned``: the knobs `tune` found per kernel (:class:`ApplySchedules`)."""
     t = relax.transform
     return tvm.transform.Sequential([
         t.AttachAttrLayoutFreeBuffers(),
-        ApplySchedules(*rules(target)),
+        ApplySchedules(*rules(target), tuned=tuned),
         _split_layout_rewrite_preproc,
         fold_weight_packing,
         t.FoldConstant(),

@@ -29,6 +29,9 @@ PREPROC = "meta_schedule.layout_rewrite_preproc"
 #: The kernel attribute naming the rule that scheduled it.
 RULE_ATTR = "tvmbundle.schedule_rule"
 
+#: The kernel attribute listing the tuned knobs (``name=value,...``) that changed its schedule.
+KNOBS_ATTR = "tvmbundle.knobs"
+
 # At most this many copies of a loop body from explicit unrolling, per tile: enough for
 # register tiles, little enough that LLVM's code generation stays quick.
 UNROLL_BUDGET = 64
@@ -37,14 +40,41 @@ UNROLL_BUDGET = 64
 MIN_PARALLEL_WORK = 4096
 
 
+class Knobs:
+    """A kernel's tunable choices: a rule asks for each one by name (:meth:`pick`) with the value
+    it would take alone and the alternatives worth measuring. With nothing fixed every choice is
+    its default, so an untuned kernel gets exactly the rule's own schedule; `tune` fixes some
+    (:class:`bundler.compile.tuning.RuleSearch`) and measures what they give.
+
+    The space is found while scheduling, not declared apart: which choices there are depends on
+    the path the rule takes for this kernel (a depthwise tiling has other knobs than a packed
+    one), and a choice defined where it is used cannot drift from the code that uses it (as
+    AutoTVM's ``cfg.define_knob`` templates do)."""
+
+    def __init__(self, fixed: dict[str, int] | None = None) -> None:
+        self.fixed = {str(k): int(v) for k, v in (fixed or {}).items()}
+        self.space: dict[str, tuple[int, tuple[int, ...]]] = {}
+
+    def pick(self, name: str, default: int, options=()) -> int:
+        opts = tuple(sorted({int(o) for o in options if int(o) > 0} | {int(default)}))
+        self.space[name] = (int(default), opts)
+        v = self.fixed.get(name)
+        return v if v in opts else int(default)
+
+    def chosen(self) -> dict[str, int]:
+        """The fixed choices this kernel's schedule used that differ from the defaults."""
+        return {k: v for k, v in self.fixed.items() if k in self.space and v != self.space[k][0]
+                and v in self.space[k][1]}
+
+
 class CPURule(ScheduleRule):
     """A rule for the LLVM CPU targets; ``schedule`` returns None when the kernel is not its kind."""
 
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool, knobs: Knobs | None = None):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
         try:
-            sch = self.schedule(func, target, describe(target))
+            sch = self.schedule(func, target, describe(target), knobs if knobs is not None else Knobs())
         except Exception as e:  # noqa: BLE001 -- a ScheduleError, or a kernel the match let through
             log.debug("%s does not apply: %s", type(self).__name__, str(e).strip().splitlines()[:1])
             return None
@@ -53,7 +83,7 @@ class CPURule(ScheduleRule):
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name == "llvm"
 
-    def schedule(self, func: tirx.PrimFunc, target: Target, cpu: CPU) -> s_tir.Schedule | None:
+    def schedule(self, func: tirx.PrimFunc, target: Target, cpu: CPU, knobs: Knobs) -> s_tir.Schedule | None:
         raise NotImplementedError
 
 

@@ -27,6 +27,7 @@ from tvm.tirx import IndexMap
 from .base import (
     UNROLL_BUDGET,
     CPURule,
+    Knobs,
     as_int,
     divisor_tile,
     is_var,
@@ -105,7 +106,7 @@ class Conv2D(CPURule):
     (after normalization, which drops unit loops: batch 1, 1x1 kernels, depthwise's one input
     channel per group)."""
 
-    def schedule(self, func, target, cpu: CPU):
+    def schedule(self, func, target, cpu: CPU, knobs: Knobs):
         found = one_reduction(func)
         if found is None:
             return None
@@ -166,15 +167,20 @@ class Conv2D(CPURule):
         pointwise = (not grouped and "ry" not in role and "rx" not in role and {"f", "y", "x", "rc"} <= set(role)
                      and is_var(data[2], role["y"].var) and is_var(data[3], role["x"].var))
         if pointwise and lanes > 1 and register_tile(OH * OW, lanes) >= lanes:
-            return self._pointwise(sch, infos, k, role, cpu, lanes, OC, OH, OW)
-        nr = register_tile(OCg if grouped else OC, lanes)
+            return self._pointwise(sch, infos, k, role, cpu, knobs, lanes, OC, OH, OW)
+        channels = OCg if grouped else OC
+        nr = register_tile(channels, lanes)
         if lanes > 1 and nr >= max(4, lanes // 4) and not (grouped and ICg == 1) and "f" in loops:
-            return self._oc_vector(sch, infos, k, loops, cpu, lanes, nr, OW, w_index if packable else None)
+            # Whole or half vector registers only (see register_tile), within the registers.
+            nr = knobs.pick("nr", nr, [t for t in (lanes // 2, lanes, 2 * lanes, 4 * lanes)
+                                       if t >= max(4, lanes // 4) and channels % t == 0
+                                       and pixel_tile_max(cpu, t, lanes) >= 2])
+            return self._oc_vector(sch, infos, k, loops, cpu, knobs, lanes, nr, OW, w_index if packable else None)
         depthwise = grouped and ICg == 1
-        return self._ow_vector(sch, infos, k, loops, cpu, lanes, OC, OW, depthwise=depthwise)
+        return self._ow_vector(sch, infos, k, loops, cpu, knobs, lanes, OC, OW, depthwise=depthwise)
 
     @staticmethod
-    def _oc_vector(sch, infos, k, loops, cpu: CPU, lanes, nr, OW, w_index):
+    def _oc_vector(sch, infos, k, loops, cpu: CPU, knobs: Knobs, lanes, nr, OW, w_index):
         block, consumer = split_epilogue(sch, infos, k)
         if w_index is not None:
             pack_weights(sch, block, w_index, lambda o, i, h, w: (o // nr, i, h, w, o % nr))
@@ -188,8 +194,13 @@ class Conv2D(CPURule):
             mr = divisor_tile(OW, mr_max)
             # A pixel tile that does not divide the width is cheaper with a bounds check than
             # single pixels: the check is on the unrolled loop, not the vector one.
-            xo, xi = sch.split(loops["x"], [None, mr if mr * 2 > mr_max or mr == OW else mr_max])
-        outer = [lp for lp in (loops.get("n"), fo, loops.get("y")) if lp is not None]
+            mr = knobs.pick("mr", mr if mr * 2 > mr_max or mr == OW else mr_max, range(2, min(mr_max, OW) + 1))
+            xo, xi = sch.split(loops["x"], [None, mr])
+        # Channel tiles outside rows (a weight panel stays in cache for every row) or rows outside
+        # channel tiles (an input row stays in cache for every channel tile).
+        rows_first = knobs.pick("rows_first", 0, (0, 1))
+        outer = [lp for lp in ((loops.get("n"), loops.get("y"), fo) if rows_first else (loops.get("n"), fo, loops.get("y")))
+                 if lp is not None]
         red = [loops[r] for r in ("rc", "ry", "rx") if r in loops]
         sch.reorder(*outer, *([xo] if xo else []), *red, *([xi] if xi else []), fi)
         fused = parallelize(sch, outer, cpu)
@@ -208,7 +219,7 @@ class Conv2D(CPURule):
         return sch
 
     @staticmethod
-    def _pointwise(sch, infos, k, role, cpu: CPU, lanes, OC, OH, OW):
+    def _pointwise(sch, infos, k, role, cpu: CPU, knobs: Knobs, lanes, OC, OH, OW):
         """A 1x1 stride-1 convolution is the matrix product W[OC, IC] x X[IC, H*W]: pixels of
         all rows in vector lanes (X and the output are contiguous along them), a few output
         channels per tile broadcasting their weights. Rows and columns are fused into one pixel
@@ -220,23 +231,33 @@ class Conv2D(CPURule):
         loops = sch.get_loops(block)
         *outer, f, p, rc = loops if len(loops) == 4 else (None, *loops)
         t = register_tile(OH * OW, lanes)
-        ft = divisor_tile(OC, pixel_tile_max(cpu, t, lanes))
+        t = knobs.pick("pixels", t, [x for x in (lanes // 2, lanes, 2 * lanes, 4 * lanes)
+                                     if x >= 4 and (OH * OW) % x == 0 and pixel_tile_max(cpu, x, lanes) >= 2])
+        most = pixel_tile_max(cpu, t, lanes)
+        ft = knobs.pick("channels", divisor_tile(OC, most), [d for d in range(2, most + 1) if OC % d == 0])
         fo, fi = sch.split(f, [None, ft])
         po, pi = sch.split(p, [None, t])
         outer = [lp for lp in outer if lp is not None]
-        # X's panel (IC x t pixels) stays in L1 while every channel tile reads it.
-        sch.reorder(*outer, po, fo, rc, fi, pi)
-        parallelize(sch, [*outer, po], cpu)
-        sch.reverse_compute_at(consumer, fo, preserve_unit_loops=True)
+        # X's panel (IC x t pixels) stays in L1 while every channel tile reads it; or (knob) a
+        # channel tile's weights (IC x ft) stay there while every pixel tile reads them.
+        if knobs.pick("channels_first", 0, (0, 1)):
+            sch.reorder(*outer, fo, po, rc, fi, pi)
+            parallelize(sch, [*outer, fo], cpu)
+            at = po
+        else:
+            sch.reorder(*outer, po, fo, rc, fi, pi)
+            parallelize(sch, [*outer, po], cpu)
+            at = fo
+        sch.reverse_compute_at(consumer, at, preserve_unit_loops=True)
         sch.vectorize(pi)
         sch.unroll(fi)
         init = sch.decompose_reduction(block, rc)
         vectorize_if_not(sch, init, lanes)
-        tile_writeback(sch, consumer, fo, lanes)
+        tile_writeback(sch, consumer, at, lanes)
         return sch
 
     @staticmethod
-    def _ow_vector(sch, infos, k, loops, cpu: CPU, lanes, OC, OW, depthwise: bool):
+    def _ow_vector(sch, infos, k, loops, cpu: CPU, knobs: Knobs, lanes, OC, OW, depthwise: bool):
         block, consumer = split_epilogue(sch, infos, k)
         # A power-of-two tile (see register_tile); only when the width has none worth having
         # (7, 14) a whole row, as one odd-sized vector.
@@ -245,16 +266,23 @@ class Conv2D(CPURule):
             t = divisor_tile(OW, 2 * lanes, lanes)
         xo = xi = fo = fi = None
         if "x" in loops:
+            t = knobs.pick("pixels", t, [x for x in (lanes // 2, lanes, 2 * lanes) if x >= 2 and OW % x == 0]
+                           + ([OW] if OW <= 4 * max(lanes, 1) else []))
             xo, xi = sch.split(loops["x"], [None, t])
         if "f" in loops:
             # Channels that share the input pixels they read (not so in a depthwise convolution)
             # are computed together, a few rows of vectors each.
-            fo, fi = sch.split(loops["f"], [None, 1 if depthwise else divisor_tile(OC, 4)])
+            ft = 1 if depthwise else knobs.pick("channels", divisor_tile(OC, 4), [d for d in range(1, 9) if OC % d == 0])
+            fo, fi = sch.split(loops["f"], [None, ft])
         yo = yi = None
         if "y" in loops and depthwise:
-            # A depthwise tile of a few output rows instead: rows y..y+3 read input rows that
-            # overlap by KH-1, and LLVM loads each only once within the unrolled tile.
-            yo, yi = sch.split(loops["y"], [None, divisor_tile(as_int(sch.get(loops["y"]).extent), 4)])
+            # A depthwise tile of several output rows instead: rows y..y+7 read input rows that
+            # overlap by KH-1, and LLVM loads each only once within the unrolled tile. (Measured
+            # on MobileNetV2's maps, 2 threads: 7 or 8 rows ran 1.1-4x faster than 4, most on the
+            # 7x7 and 14x14 maps, where 4 rows left one or two.)
+            OH = as_int(sch.get(loops["y"]).extent)
+            yt = knobs.pick("rows", divisor_tile(OH, 8), [d for d in range(1, 9) if OH % d == 0])
+            yo, yi = sch.split(loops["y"], [None, yt])
         outer = [lp for lp in (loops.get("n"), fo, yo or loops.get("y")) if lp is not None]
         red = [loops[r] for r in ("rc", "ry", "rx") if r in loops]
         inner = [lp for lp in (fi, yi, xi) if lp is not None]

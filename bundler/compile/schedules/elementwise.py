@@ -6,7 +6,7 @@ from __future__ import annotations
 from tvm import s_tir
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from .base import CPURule, as_int, parallelize, product, vectorize_inner
+from .base import CPURule, Knobs, as_int, parallelize, product, vectorize_inner
 from .cpu import CPU
 
 
@@ -37,7 +37,7 @@ class Elementwise(CPURule):
     """Every block spatial-only: inline all into the last one (what FuseOps meant by fusing
     them) and schedule that."""
 
-    def schedule(self, func, target, cpu: CPU):
+    def schedule(self, func, target, cpu: CPU, knobs: Knobs):
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if not infos or any(not b.is_injective() for b in infos):

@@ -9,13 +9,13 @@ from __future__ import annotations
 from tvm import s_tir
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from .base import CPURule, as_int, log, parallelize
+from .base import CPURule, Knobs, as_int, log, parallelize
 from .cpu import CPU
 from .elementwise import schedule_injective_block
 
 
 class Fallback(CPURule):
-    def schedule(self, func, target, cpu: CPU):
+    def schedule(self, func, target, cpu: CPU, knobs: Knobs):
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if infos:

@@ -15,6 +15,7 @@ from tvm.tirx import IndexMap
 
 from .base import (
     CPURule,
+    Knobs,
     as_int,
     divisor_tile,
     is_var,
@@ -50,7 +51,7 @@ class Matmul(CPURule):
     one reduction iterator in both operands, the output's last iterator j in B only, the one
     before it (i, absent for a GEMV) in A only."""
 
-    def schedule(self, func, target, cpu: CPU):
+    def schedule(self, func, target, cpu: CPU, knobs: Knobs):
         found = one_reduction(func)
         if found is None:
             return None
@@ -98,6 +99,9 @@ class Matmul(CPURule):
         nr = register_tile(N, lanes)
         if nr < max(2, lanes // 4) and N > 1:
             nr = divisor_tile(N, 2 * lanes, lanes)   # an odd N (1000 classes): one wide vector tile
+        else:
+            nr = knobs.pick("nr", nr, [t for t in (lanes // 2, lanes, 2 * lanes, 4 * lanes)
+                                       if t >= max(2, lanes // 4) and N % t == 0 and pixel_tile_max(cpu, t, lanes) >= 2])
         mr_max = pixel_tile_max(cpu, nr, lanes)
 
         block, consumer = split_epilogue(sch, infos, k_index)
@@ -114,7 +118,8 @@ class Matmul(CPURule):
         io = ii = None
         if iit is not None:
             mr = divisor_tile(M, mr_max)
-            io, ii = sch.split(iit.loop_rv, [None, mr if mr * 2 > mr_max or mr == M else mr_max])
+            mr = knobs.pick("mr", mr if mr * 2 > mr_max or mr == M else mr_max, range(2, min(mr_max, M) + 1))
+            io, ii = sch.split(iit.loop_rv, [None, mr])
         outer = [b.loop_rv for b in batch]
         # B's panel (K x NR) is the bigger operand of a tile: the row tiles of A go inside it.
         tiles = [*outer, jo, *([io] if io else [])]

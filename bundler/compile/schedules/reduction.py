@@ -18,6 +18,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from .base import (
     CPURule,
+    Knobs,
     as_int,
     divisor_tile,
     one_reduction,
@@ -39,7 +40,7 @@ class WindowReduction(CPURule):
     """Matches one reduction block (plus elementwise ones) whose output's innermost iterator
     indexes the innermost dimension of every input."""
 
-    def schedule(self, func, target, cpu: CPU):
+    def schedule(self, func, target, cpu: CPU, knobs: Knobs):
         found = one_reduction(func)
         if found is None:
             return None
@@ -104,7 +105,7 @@ class Reduction(CPURule):
     """Matches kernels with a reduction whose blocks all share their leading spatial axes (a
     kernel without any, a single row, is only vectorized)."""
 
-    def schedule(self, func, target, cpu: CPU):
+    def schedule(self, func, target, cpu: CPU, knobs: Knobs):
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if not infos or all(b.is_injective() for b in infos):
