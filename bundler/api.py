@@ -264,8 +264,8 @@ def tune(board, model: Path | str | None, *, input_shapes=None, trials: int | No
     time_limit = time_limit if time_limit is not None else r.tune.time_limit
     if sum(bool(x) for x in (host, rpc_addr, tracker, emulate)) > 1:
         raise UserError("give only one of --host, --rpc, --tracker and --emulate")
-    if trials < 1:
-        raise UserError(f"--trials: expected a positive number, got {trials}")
+    if trials < 0:
+        raise UserError(f"--trials: expected 0 or more (0: only the default schedules' knobs), got {trials}")
     shapes = {k: tuple(v) for k, v in r.model.input_shapes}
     shapes.update({k: tuple(v) for k, v in (input_shapes or {}).items()})
     versions = runtime.compiler_versions()
@@ -302,13 +302,14 @@ def tune(board, model: Path | str | None, *, input_shapes=None, trials: int | No
         limit = f", at most {time_limit:g} s" if time_limit else ""
         with progress.step(f"tune {model.name} for {r.name}: {trials} trials{limit}, measured {where}") as s:
             def report(done: int, total: int) -> None:
-                s.update(f"measured {done}/{total}", min(1.0, done / total))
+                s.update(f"measured {done}/{total}", min(1.0, done / total) if total else 1.0)
             result = tuning.tune(r, prepared, model_id, model, versions, trials=trials, timeout=time_limit or 0,
                           runner=runner, builder=builder, runner_name=where, on_progress=report)
             s.done(detail=f"{result.measured} new in {result.seconds:.0f} s ({result.trials_per_minute:g} "
                           f"trials/min, {result.stopped}), {result.previously} before; measured "
                           f"{result.kernels_measured} of {result.tasks} kernels, {result.kernels_skipped} "
-                          f"had their share already")
+                          f"had their share already; {result.variants} variants of the default schedules, "
+                          f"{result.kernels_knobs} kernel(s) faster with tuned knobs")
     if imported:
         result = dataclasses.replace(result, imported=imported)
     return _tune_records(r, None, export_file, progress, result) if export_file else result

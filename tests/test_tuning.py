@@ -119,12 +119,16 @@ def _kernels(model: Path, board: str = "x86_64") -> list[str]:
 @needs_tuning
 def default_times(db_path: Path, secs: float | None = None) -> dict[str, float]:
     """What tune measured for the default schedules of the kernels; with ``secs``, every one of them
-    set to that (a record applies only where it beats its kernel's default: timings decide that, so
-    tests that count applied records fix them)."""
+    set to that, with or without tuned knobs (a record applies only where it beats its kernel's
+    default schedule: timings decide that, so tests that count applied records fix them)."""
     data = json.loads((db_path / tuning.DEFAULTS).read_text())
     if secs is not None:
         data = {k: secs for k in data}
         (db_path / tuning.DEFAULTS).write_text(json.dumps(data))
+        if (db_path / tuning.RULES).is_file():
+            rules = json.loads((db_path / tuning.RULES).read_text())
+            (db_path / tuning.RULES).write_text(json.dumps({k: {**v, "secs": secs, "default_secs": secs}
+                                                            for k, v in rules.items()}))
     return data
 
 
@@ -237,7 +241,10 @@ def test_export_import_round_trip(tmp_path, monkeypatch, run_cli):
     """--export writes one file; --import merges it into another machine's (here: another
     folder's) database, dropping duplicates; the imported kernel counts as tuned elsewhere."""
     m = tiny(tmp_path / "tiny.onnx", seed=12)
-    assert api.tune("x86_64", m, trials=2).measured == 2
+    tuned = api.tune("x86_64", m, trials=2)
+    assert tuned.measured == 2
+    source = tuning.Store(tuned.database.path)
+    assert source.rule_schedules() and source.defaults()
     f = tmp_path / "records.jsonl"
     code, out, err = run_cli("tune", "x86_64", "--export", str(f), "--json", "-q")
     assert code == 0, err
@@ -253,12 +260,14 @@ def test_export_import_round_trip(tmp_path, monkeypatch, run_cli):
     code, out, err = run_cli("tune", "x86_64", "--import", str(f), "--json", "-q")
     assert code == 0 and json.loads(out)["imported"] == 0 and json.loads(out)["records"] == 2   # duplicates dropped
 
-    # Already tuned here, from the import: nothing to measure; make applies it as another's.
+    # Already tuned here, from the import (records, default timings and knobs): nothing to
+    # measure; make applies it as another's.
     assert api.tune("x86_64", m, trials=2).stopped == "already tuned"
     from bundler.compile import prepared as prepared_mod
 
     p = prepared_mod.prepare(m, None)
     db = tuning.find(p.model_id, recipe.load("x86_64"), runtime.compiler_versions())
+    default_times(db.path, 1e9)
     applied = db.for_model(p, p.model_id, m, recipe.load("x86_64"))
     assert (applied.kernels, applied.tuned, applied.reused, applied.defaulted) == (1, 0, 1, 0)
     assert applied.path is not None and len((applied.path / tuning.RECORDS).read_text().splitlines()) == 1
@@ -297,13 +306,13 @@ _SLOW_MARK = "TVMBUNDLE_TEST_SLOW_EXPORT"
 
 
 def _slow_after_two(mod):
-    """An f_export for the builder: the first four builds of the (single) worker export at once
-    (the two kernels' default schedules, measured before the search, then the first round's two
-    candidates), every later one hangs (a build that would take minutes)."""
+    """An f_export for the builder: the first two builds of the (single) worker export at once
+    (the first round's two candidates: the default schedules and their knobs were measured by an
+    earlier run), every later one hangs (a build that would take minutes)."""
     from tvm.s_tir.meta_schedule.builder.local_builder import default_export
 
     n = globals()["_calls"] = globals().get("_calls", 0) + 1
-    if n > 4:
+    if n > 2:
         Path(os.environ[_SLOW_MARK]).write_text(str(os.getpid()))
         time.sleep(600)
     return default_export(mod)
@@ -323,6 +332,10 @@ def test_the_time_limit_ends_a_round_in_progress(tmp_path, monkeypatch):
     m = two_kernels(tmp_path / "b.onnx", seed=5)
     r = recipe.load("x86_64")
     p = prepared_mod.prepare(m, None)
+    first = tuning.tune(r, p, p.model_id, m, runtime.compiler_versions(), trials=0, timeout=0,
+                        runner=ms.runner.LocalRunner(timeout_sec=60, initializer=tuning.ignore_sigint()),
+                        builder=tuning.CandidateBuilder(workers=1), runner_name="local")
+    assert first.measured == 0 and first.stopped == "budget"     # the default schedules' knobs only
     builder = tuning.CandidateBuilder(workers=1, timeout=900, f_export=_slow_after_two)
     runner = ms.runner.LocalRunner(timeout_sec=60, initializer=tuning.ignore_sigint())
     start = time.monotonic()
@@ -427,8 +440,8 @@ def test_rpc_server_key_and_file_functions(tmp_path):
 
 def test_recipe_tune_keys(tmp_path):
     bad = tmp_path / "b.toml"
-    bad.write_text('format = 1\nextends = "x86_64"\n[tune]\ntrials = 0\n')
-    with pytest.raises(UserError, match="tune.trials: expected an integer from 1"):
+    bad.write_text('format = 1\nextends = "x86_64"\n[tune]\ntrials = -1\n')
+    with pytest.raises(UserError, match="tune.trials: expected an integer from 0"):
         recipe.load(str(bad))
     ok = tmp_path / "ok.toml"
     ok.write_text('format = 1\nextends = "x86_64"\n[tune]\ntrials = 8\ntime_limit = 60\n')
@@ -502,3 +515,78 @@ def test_tune_through_a_tvm_tracker(tmp_path):
         assert result.database.meta["runner"] == f"RPC tracker {addr} key lab-x86"
     finally:
         tracker.terminate()
+
+
+def depthwise(path: Path, seed: int = 4) -> Path:
+    """A 3x3 depthwise convolution on a 32-channel 14x14 map with a bias and ReLU: one kernel,
+    scheduled by the Conv2D rule, whose knobs (rows and pixels per tile) `tune` varies."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 1, 3, 3)).astype(np.float32) * 0.3, "w"),
+             numpy_helper.from_array(rng.standard_normal((32,)).astype(np.float32) * 0.1, "b")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1] * 4, group=32),
+             helper.make_node("Relu", ["c"], ["y"])]
+    g = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 14, 14])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 14, 14])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return path
+
+
+@needs_tuning
+def test_tune_searches_the_default_schedules_knobs_and_make_applies_the_faster(tmp_path, run_cli):
+    """--trials 0 measures only the default schedule of each kernel and variants of its rule's
+    knobs, and keeps the best; make applies knobs that beat the rule's own choices (the manifest
+    counts them, and the bundle's selftest passes with them) and ignores knobs that do not."""
+    m = depthwise(tmp_path / "dw.onnx")
+    code, out, err = run_cli("tune", "x86_64", "--model", str(m), "--trials", "0", "--json", "-q")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["measured"] == 0 and res["rule_variants"] > 2 and res["stopped"] == "budget", res
+    db_path = Path(res["database"])
+    (shash,) = _kernels(m)
+    entry = tuning.Store(db_path).rule_schedules()[shash]
+    assert entry["rule"] == "Conv2D" and entry["variants"] == res["rule_variants"]
+    assert entry["secs"] <= entry["default_secs"] == default_times(db_path)[shash]
+
+    # Again: nothing left to measure.
+    code, out, err = run_cli("tune", "x86_64", "--model", str(m), "--trials", "0", "--json", "-q")
+    assert code == 0 and json.loads(out)["stopped"] == "already tuned", (out, err)
+
+    # Timings fixed, so that what make does does not depend on this machine's noise.
+    rules = json.loads((db_path / tuning.RULES).read_text())
+    rules[shash] = {**entry, "knobs": {"rows": 2, "pixels": 14}, "secs": 1e-6, "default_secs": 1e-3}
+    (db_path / tuning.RULES).write_text(json.dumps(rules))
+    made = api.make("x86_64", m, out_dir=tmp_path / "a", run_verify=True)
+    t = made.manifest.tuning
+    assert (t["kernels"], t["kernels_tuned"], t["kernels_tuned_knobs"], t["kernels_defaulted"]) == (1, 1, 1, 0), t
+
+    rules[shash] = {**entry, "knobs": {"rows": 2, "pixels": 14}, "secs": 1e-3, "default_secs": 1e-3}
+    (db_path / tuning.RULES).write_text(json.dumps(rules))
+    default_times(db_path, 1e-3)
+    plain = api.make("x86_64", m, out_dir=tmp_path / "b", run_verify=True)
+    t = plain.manifest.tuning
+    assert (t["kernels_tuned_knobs"], t["kernels_defaulted"]) == (0, 1), t
+    so = [f for f in made.manifest.files if f.path.endswith("model.so")]
+    so2 = [f for f in plain.manifest.files if f.path.endswith("model.so")]
+    assert so and so2 and so[0].sha256 != so2[0].sha256       # another kernel, not a cache hit
+
+
+def _threads_here() -> str:
+    import tvm
+
+    return f"{os.environ.get('TVM_NUM_THREADS')}/{tvm.get_global_func('runtime.NumThreads')()}"
+
+
+def test_the_local_runner_measures_with_the_bundles_threads(tmp_path):
+    """Candidates are timed with the threads the bundle runs with (service.threads), not TVM's
+    default of one per core, whatever this process's environment says. (One thread: TVM caps the
+    count at the machine's cores, and the machines running this have two or more.)"""
+    board = tmp_path / "one.toml"
+    board.write_text('format = 1\nextends = "x86_64"\n[service]\nthreads = 1\n')
+    _builder, runner, where = rpc.measure_setup(recipe.load(str(board)), None)
+    assert where == "local"
+    try:
+        assert runner.pool.submit(_threads_here).result(timeout=120) == "1/1"
+    finally:
+        tuning._shutdown(runner.pool)

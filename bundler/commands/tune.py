@@ -23,7 +23,8 @@ def register(subparsers) -> None:
     s.add_argument("--trials", type=int, help="candidates to measure for the model in all, counting records its "
                                               "kernels already have from any run or model, split by each "
                                               "kernel's share of the model's time (default: the recipe's "
-                                              "tune.trials, 64)")
+                                              "tune.trials, 64); before them, and with 0 alone, the knobs of the default "
+                                              "schedules (tile sizes, loop orders) are measured for every kernel")
     s.add_argument("--time-limit", metavar="DURATION", help="stop after this long, keeping what was measured: "
                                                              "90s, 15m, 2h (default: the recipe's tune.time_limit, none)")
     s.add_argument("--import", dest="import_file", metavar="FILE",
@@ -77,10 +78,13 @@ def run(args: argparse.Namespace) -> int:
                           "seconds": round(result.seconds, 1), "trials_per_minute": result.trials_per_minute,
                           "build_workers": result.build_workers, "measure_workers": result.measure_workers,
                           "imported": result.imported, "exported": result.exported,
+                          "rule_variants": result.variants, "kernels_with_knobs": result.kernels_knobs,
                           "stopped": result.stopped}, indent=2))
     else:
         print(db.path if db else "no tuning records")
         if args.model and not args.quiet:
             print(f"tvmbundle: {result.measured} trials in {result.seconds:.0f} s "
-                  f"({result.trials_per_minute:g} trials/min, {result.stopped})", file=sys.stderr)
+                  f"({result.trials_per_minute:g} trials/min, {result.stopped}); default schedules: "
+                  f"{result.variants} variants measured, {result.kernels_knobs} kernel(s) faster with tuned knobs",
+                  file=sys.stderr)
     return EXIT_OK

@@ -5,7 +5,15 @@ only TVM (and this module) and keeps working while tvmbundle itself is being edi
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+
+
+def init_worker(threads: int | None) -> None:
+    """Run in each builder and runner worker process as it starts (see tuning.ignore_sigint)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
 
 
 def build(f_export, mod, target) -> str:

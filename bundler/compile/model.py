@@ -70,7 +70,8 @@ def compile_for_board(prepared: Prepared, model_id: str, source: Path, recipe: R
         target = tvm.target.Target(board_target(recipe))
         try:
             ex = tvm.compile(mod, target=target,
-                             relax_pipeline=pipeline(target, applied.path if applied else None))
+                             relax_pipeline=pipeline(target, applied.path if applied else None,
+                                                     applied.knobs if applied else None))
         except Exception as e:
             raise ModelError(f"{source}: TVM failed to compile the model for {recipe.name}: "
                              f"{str(e).strip().splitlines()[-1]}") from None

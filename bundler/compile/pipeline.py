@@ -43,10 +43,11 @@ def lower_for_tuning(mod, target):
         return tvm.transform.Sequential(_pre_tuning_passes())(mod)
 
 
-def pipeline(target, database: Path | None = None):
+def pipeline(target, database: Path | None = None, knobs: dict[str, dict] | None = None):
     """The Relax pipeline `make` compiles with: the default CPU pipeline, plus the tuned
     schedules of ``database`` where it has them, plus tvmbundle's default CPU schedules
-    (:mod:`bundler.compile.schedules`) for every kernel it does not."""
+    (:mod:`bundler.compile.schedules`) for every kernel it does not, with the knobs ``knobs``
+    (:func:`~bundler.compile.schedules.kernel_key` -> rule and knobs) `tune` found for them."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as relax_pipeline
@@ -59,7 +60,7 @@ def pipeline(target, database: Path | None = None):
             passes = list(_pre_tuning_passes())
             if database is not None:
                 passes.append(relax.transform.MetaScheduleApplyDatabase(str(database)))
-            passes.append(default_schedule_pass(target))
+            passes.append(default_schedule_pass(target, knobs))
             passes += relax_pipeline.dataflow_lower_passes(target) + relax_pipeline.finalize_passes(target)
             return tvm.transform.Sequential(passes)(mod)
 

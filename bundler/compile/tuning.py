@@ -17,6 +17,10 @@ share its records. The folder holds
   several ``tune`` runs can share it;
 * ``models/<model sha256>.json``: which workloads a model has and which its own runs measured
   (so ``make`` can tell kernels tuned for this model from kernels tuned for another);
+* ``default_schedules.json``: what tvmbundle's default schedule of each kernel measured, with
+  the same builder and runner as the candidates;
+* ``rule_schedules.json``: for each kernel, the knobs of its default rule (tile sizes, loop
+  order: :class:`bundler.compile.schedules.Knobs`) that measured fastest (:class:`RuleSearch`);
 * ``tuning.json``: what it is for and the runs that wrote it.
 
 Per-model folders of earlier versions (``tuning/<model key>/``) are merged into it on first use.
@@ -63,6 +67,7 @@ WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
 META = "tuning.json"
 DEFAULTS = "default_schedules.json"    # what the default schedule of each kernel measured
+RULES = "rule_schedules.json"          # the knobs of tvmbundle's own rules `tune` found per kernel
 MODELS = "models"
 LOCK = ".lock"
 EXPORT_FORMAT = "tvmbundle-tuning-records"
@@ -258,6 +263,33 @@ class Store:
             tmp.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
             tmp.replace(self.path / DEFAULTS)
 
+    def rule_schedules(self) -> dict[str, dict[str, Any]]:
+        """Workload hash -> what :class:`RuleSearch` found for the kernel: ``key`` (its
+        :func:`~bundler.compile.schedules.kernel_key`), ``rule``, ``knobs`` ({} when none beat the
+        rule's own choices), ``secs`` (the best measured) and ``default_secs``."""
+        try:
+            data = json.loads((self.path / RULES).read_text()) if (self.path / RULES).is_file() else {}
+        except ValueError:
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("knobs"), dict)
+                and isinstance(v.get("secs"), (int, float)) and isinstance(v.get("key"), str)}
+
+    def add_rule_schedules(self, entries: dict[str, dict[str, Any]]) -> int:
+        """Merge entries, keeping the faster one of a kernel found twice; returns how many changed."""
+        changed = 0
+        with self.lock():
+            merged = self.rule_schedules()
+            for k, v in entries.items():
+                if k not in merged or float(v["secs"]) < float(merged[k]["secs"]):
+                    merged[k] = v
+                    changed += 1
+            tmp = self.path / f".{RULES}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
+            tmp.replace(self.path / RULES)
+        return changed
+
     def meta(self) -> dict[str, Any]:
         try:
             return json.loads((self.path / META).read_text()) if (self.path / META).is_file() else {}
@@ -289,15 +321,18 @@ def _count(path: Path) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Applied:
-    """What a database holds for one model: its best records, in a folder of their own."""
-    path: Path | None         # None when no kernel of the model has a good record
-    sha256: str | None
+    """What a database holds for one model: its best records, in a folder of their own, and the
+    tuned knobs of the default rules for the kernels where those are faster."""
+    path: Path | None         # None when no kernel of the model has a record worth applying
+    sha256: str | None        # of what is applied (records and knobs); None: nothing is
     kernels: int              # the model's tunable kernels
-    tuned: int                # ... with records measured while tuning this model
-    reused: int               # ... with records only from other models (or imported)
-    defaulted: int            # ... without a good record: default schedules
+    tuned: int                # ... with a record or knobs measured while tuning this model
+    reused: int               # ... with a record or knobs only from other models (or imported)
+    defaulted: int            # ... with neither: the default schedules as they are
     records: int              # records the database has for the model's kernels
     default_faster: int = 0   # kernels whose best record lost to the default schedule (not applied)
+    knobs: dict[str, dict] = field(default_factory=dict)   # kernel_key -> {"rule", "knobs"}
+    with_knobs: int = 0       # kernels scheduled by their rule with tuned knobs
 
 
 @dataclass(frozen=True)
@@ -330,7 +365,8 @@ class Database:
                 "records_sha256": u["records_sha256"], "kernels": u["kernels"],
                 "kernels_tuned": u["kernels_tuned"], "kernels_from_other_models": u["kernels_from_other_models"],
                 "kernels_defaulted": u["kernels_defaulted"],
-                "kernels_default_faster": u.get("kernels_default_faster", 0), "apache-tvm": self.meta.get("apache-tvm")}
+                "kernels_default_faster": u.get("kernels_default_faster", 0),
+                "kernels_tuned_knobs": u.get("kernels_tuned_knobs", 0), "apache-tvm": self.meta.get("apache-tvm")}
 
     def for_model(self, prepared, model_id: str, source: Path, recipe: Recipe) -> Applied:
         """The best record of each of the model's kernels, as a database folder of its own (in the
@@ -351,35 +387,45 @@ class Database:
                 if secs is not None and (shash not in best or secs < best[shash][0]):
                     best[shash] = (secs, rec)
         # A record that is no faster than tvmbundle's default schedule of its kernel (measured by the
-        # same runner) is not applied: the default one is, with its weights packed at compile time,
-        # which MetaSchedule's candidates cannot do in TVM 0.27 (a trace with a layout rewrite does
-        # not serialize), so on convolutions tuning alone can lose to the defaults.
+        # same runner), or than that schedule with its tuned knobs, is not applied: the default one
+        # is, with its weights packed at compile time, which MetaSchedule's candidates cannot do in
+        # TVM 0.27 (a trace with a layout rewrite does not serialize), so on convolutions
+        # MetaSchedule alone loses to the defaults.
         defaults = store.defaults()
-        lost = {s for s, (secs, _rec) in best.items() if s in defaults and defaults[s] <= secs}
-        for s in lost:
-            del best[s]
-        tuned = sum(1 for s in best if s in measured_here)
-        applied = Applied(None, None, len(wanted), tuned, len(best) - tuned, len(wanted) - len(best), records,
-                          len(lost))
+        rules = {k: v for k, v in store.rule_schedules().items() if k in wanted}
+        own = {k: min(defaults.get(k, math.inf), float(rules[k]["secs"]) if k in rules else math.inf) for k in wanted}
+        lost = {k for k, (secs, _rec) in best.items() if own[k] <= secs}
+        for k in lost:
+            del best[k]
+        knobs = {}
+        for k, v in rules.items():
+            if k not in best and v["knobs"] and float(v["secs"]) < defaults.get(k, float(v.get("default_secs", math.inf))):
+                knobs[v["key"]] = {"rule": v["rule"], "knobs": v["knobs"]}
+        with_knobs = {k for k, v in rules.items() if v["key"] in knobs}
+        improved = set(best) | with_knobs
+        tuned = sum(1 for k in improved if k in measured_here)
+        digest = cache.key("tuning-applied", sorted((k, json.dumps(best[k][1])) for k in best), knobs) \
+            if improved else None
+        path = None
         if best:
             order = sorted(best)
-            wl_text = "".join(json.dumps(wls[s]) + "\n" for s in order)
-            rec_text = "".join(json.dumps([i, best[s][1]]) + "\n" for i, s in enumerate(order))
-            digest = cache.key("tuning-applied", wl_text, rec_text)
+            wl_text = "".join(json.dumps(wls[k]) + "\n" for k in order)
+            rec_text = "".join(json.dumps([i, best[k][1]]) + "\n" for i, k in enumerate(order))
 
             def build(tmp: Path) -> dict[str, Any]:
                 (tmp / WORKLOADS).write_text(wl_text)
                 (tmp / RECORDS).write_text(rec_text)
                 return {"database": self.key, "model_sha256": model_id}
 
-            entry = cache.get("tuning-applied", digest, build)
-            applied = Applied(entry.path, cache.sha256_file(entry.path / RECORDS), *[
-                getattr(applied, f) for f in ("kernels", "tuned", "reused", "defaulted", "records", "default_faster")])
+            path = cache.get("tuning-applied", cache.key("tuning-applied", wl_text, rec_text), build).path
+        applied = Applied(path, digest, len(wanted), tuned, len(improved) - tuned, len(wanted) - len(improved),
+                          records, len(lost), knobs, len(with_knobs))
         self.usage.clear()
         self.usage.update({"records_sha256": applied.sha256, "kernels": applied.kernels,
                            "kernels_tuned": applied.tuned, "kernels_from_other_models": applied.reused,
                            "kernels_defaulted": applied.defaulted, "model_records": applied.records,
-                           "kernels_default_faster": applied.default_faster})
+                           "kernels_default_faster": applied.default_faster,
+                           "kernels_tuned_knobs": applied.with_knobs})
         return applied
 
 
@@ -387,7 +433,7 @@ def open_database(path: Path) -> Database | None:
     """The database in ``path`` if it holds any record."""
     path = Path(path)
     records, workloads = _count(path)
-    if records == 0:
+    if records == 0 and not Store(path).rule_schedules():
         return None
     meta = Store(path).meta()
     return Database(path, meta.get("key", path.name), records, workloads, meta)
@@ -536,24 +582,32 @@ def allocate(total: int, shares: list[float]) -> list[int]:
 # --- export and import ------------------------------------------------------------------------
 
 def export_records(store: Store, dest: Path, target: dict[str, Any], versions: dict[str, str]) -> int:
-    """Write the database as one portable JSON-lines file: a header, then one line per record with
-    its workload. Returns the number of records."""
+    """Write the database as one portable JSON-lines file: a header, one line per record with its
+    workload, then (format version 2) the default schedules' timings and tuned knobs, which make
+    compares records with and applies. Returns the number of records."""
     wls = store.workloads()
     lines = []
     for i, rec in store.records():
         if 0 <= i < len(wls):
             lines.append(json.dumps({"workload": wls[i], "record": rec}))
-    header = {"format": EXPORT_FORMAT, "version": 1, "target": target, "versions": versions,
-              "records": len(lines), "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    defaults, rules = store.defaults(), store.rule_schedules()
+    if defaults:
+        lines.append(json.dumps({"default_schedules": defaults}, sort_keys=True))
+    if rules:
+        lines.append(json.dumps({"rule_schedules": rules}, sort_keys=True))
+    header = {"format": EXPORT_FORMAT, "version": 2, "target": target, "versions": versions,
+              "records": len(lines) - bool(defaults) - bool(rules), "rule_schedules": len(rules),
+              "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
     tmp.write_text(json.dumps(header, sort_keys=True) + "\n" + "".join(x + "\n" for x in lines))
     tmp.replace(dest)
-    return len(lines)
+    return header["records"]
 
 
 def import_records(store: Store, src: Path, target: dict[str, Any], versions: dict[str, str]) -> tuple[int, int]:
-    """Merge an exported file into ``store``: (records added, duplicates dropped)."""
+    """Merge an exported file into ``store``: (records added, duplicates dropped). Default-schedule
+    timings this database lacks are taken, and tuned knobs where they measured faster."""
     src = Path(src)
     try:
         with open(src) as f:
@@ -562,21 +616,35 @@ def import_records(store: Store, src: Path, target: dict[str, Any], versions: di
         raise UserError(f"--import: {src}: not a tuning records file ({e})") from None
     if not isinstance(header, dict) or header.get("format") != EXPORT_FORMAT:
         raise UserError(f"--import: {src}: not a tuning records file (written by `tvmbundle tune --export`)")
+    if header.get("version", 1) not in (1, 2):
+        raise UserError(f"--import: {src}: format version {header.get('version')!r}; this tvmbundle reads 1 and 2",
+                        hint="upgrade tvmbundle on this machine")
     if header.get("target") != target:
         raise UserError(f"--import: {src}: its records are for the target {header.get('target')}, "
                         f"this board tunes for {target}")
     if header.get("versions") != versions:
         raise UserError(f"--import: {src}: its records were measured with {header.get('versions')}, "
                         f"this machine has {versions}: MetaSchedule records do not carry over between TVM versions")
-    pairs = []
+    pairs, defaults, rules = [], {}, {}
     for i, obj in enumerate(_lines(src)):
-        if i == 0:
+        if i == 0 or not isinstance(obj, dict):
             continue
-        if isinstance(obj, dict) and isinstance(obj.get("workload"), list) and isinstance(obj.get("record"), list):
+        if isinstance(obj.get("workload"), list) and isinstance(obj.get("record"), list):
             pairs.append((obj["workload"], obj["record"]))
+        elif isinstance(obj.get("default_schedules"), dict):
+            defaults.update({k: float(v) for k, v in obj["default_schedules"].items() if isinstance(v, (int, float))})
+        elif isinstance(obj.get("rule_schedules"), dict):
+            rules.update({k: v for k, v in obj["rule_schedules"].items() if isinstance(v, dict)
+                          and isinstance(v.get("knobs"), dict) and isinstance(v.get("secs"), (int, float))
+                          and isinstance(v.get("key"), str)})
     added = store.append(pairs, dedupe=True)
+    known = store.defaults()
+    if any(k not in known for k in defaults):
+        store.add_defaults({k: v for k, v in defaults.items() if k not in known})
+    knobs = store.add_rule_schedules(rules) if rules else 0
     store.write_meta(imported=[*store.meta().get("imported", []),
-                               {"file": src.name, "records": added, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}])
+                               {"file": src.name, "records": added, "rule_schedules": knobs,
+                                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}])
     return added, len(pairs) - added
 
 
@@ -591,10 +659,12 @@ class CandidateBuilder:
     f_export: Callable | None = None
 
 
-def ignore_sigint() -> Callable[[], Any]:
+def ignore_sigint(threads: int | None = None) -> Callable[[], Any]:
     """An initializer for MetaSchedule's worker processes: Ctrl-C in a terminal goes to the whole
-    process group, and the workers must leave it to this process (which stops them)."""
-    return functools.partial(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    process group, and the workers must leave it to this process (which stops them). ``threads``:
+    the threads a local runner's worker measures with, the bundle's own (TVM's default is the
+    number of cores, and a worker started before the caller set TVM_NUM_THREADS never sees it)."""
+    return functools.partial(candidates.init_worker, threads)
 
 
 @dataclass(frozen=True)
@@ -611,6 +681,8 @@ class TuneResult:
     measure_workers: int = 0
     imported: int = 0            # records --import added
     exported: int = 0            # records --export wrote
+    variants: int = 0            # knob variants of the default rules measured (RuleSearch)
+    kernels_knobs: int = 0       # kernels whose rule got knobs faster than its own choices
 
     @property
     def trials_per_minute(self) -> float:
@@ -657,11 +729,15 @@ def _tune(session, recipe, prepared, model_id, source, versions, trials, runner,
     shares = [k["weight"] * k["cost"] for k in kernels]
     need = [max(0, a - have.get(k["workload"], 0)) for a, k in zip(allocate(trials, shares), kernels)]
     skipped = sum(1 for n, k in zip(need, kernels) if n == 0 and have.get(k["workload"]))
-    if sum(need) == 0:
+    # Kernels whose default schedule has not been measured, or its knobs not searched (a database
+    # of an earlier version): that comes first whatever the budget, since make compares with it.
+    known_defaults, searched = store.defaults(), store.rule_schedules()
+    unsearched = {k["workload"] for k in kernels if k["workload"] not in known_defaults or k["workload"] not in searched}
+    if sum(need) == 0 and not unsearched:
         return TuneResult(open_database(store.path), len(tasks), 0, previously, time.monotonic() - start,
                           "already tuned", 0, skipped)
     check_serialization()
-    work = [(t, k, n) for t, k, n in zip(tasks, kernels, need) if n > 0]
+    work = [(t, k, n) for t, k, n in zip(tasks, kernels, need) if n > 0 or k["workload"] in unsearched]
     loop = _Loop(session, store, target, work, runner, builder, model_id,
                  lambda done: on_progress(previously + done, previously + sum(need)) if on_progress else None,
                  weights)
@@ -687,7 +763,8 @@ def _tune(session, recipe, prepared, model_id, source, versions, trials, runner,
                          updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     return TuneResult(open_database(store.path), len(tasks), loop.measured, previously, time.monotonic() - start,
                       session.stop or "budget", len(loop.measured_workloads), skipped,
-                      loop.build_workers, loop.measure_workers)
+                      loop.build_workers, loop.measure_workers, variants=loop.variants,
+                      kernels_knobs=loop.kernels_knobs)
 
 
 class _Session:
@@ -735,6 +812,8 @@ class _Loop:
         self.on_batch = on_batch
         self.measured = 0
         self.failed = 0
+        self.variants = 0
+        self.kernels_knobs = 0
         self.measured_workloads: set[str] = set()
         if isinstance(builder, CandidateBuilder):
             self.build_cfg = builder
@@ -764,6 +843,8 @@ class _Loop:
             t.start()
             self.threads.append(t)
         self.measure_defaults()
+        RuleSearch(self).run()
+        self.work = [w for w in self.work if w[2] > 0]
         threads = max(1, min(os.cpu_count() or 1, 2))
         cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=threads, tree_method="auto")
         database = self.database = ms.database.MemoryDatabase()
@@ -802,42 +883,56 @@ class _Loop:
             if t["done"] >= t["need"]:
                 tasks.remove(t)
 
-    def measure_defaults(self) -> None:
-        """tvmbundle's default schedule of each kernel, built and measured like a candidate (its
-        weight repacking removed, as MetaSchedule's builder removes a candidate's): make applies a
-        tuning record only where it beats this. Kernels measured before are not measured again."""
+    def kernel_func(self, task):
+        """The kernel as make's default schedules see it: with its constant weights marked."""
+        func = task.dispatched[0]["main"]
+        if task.task_name in self.weights:
+            func = func.with_attr("layout_free_buffers", self.weights[task.task_name])
+        return func
+
+    def rule_candidate(self, func, tuned: dict | None):
+        """(candidate, rule name, Knobs) of tvmbundle's rules on ``func`` with ``tuned`` knobs: the
+        kernel as make schedules it, built and measured like a MetaSchedule candidate (its weight
+        repacking removed, as MetaSchedule's builder removes a candidate's, and its arguments
+        those of the kernel with packed weights)."""
         import types
 
         import tvm
 
-        from bundler.compile.schedules import ApplySchedules, rules
+        from bundler.compile.schedules import rules, schedule_kernel
 
+        with self.target:
+            out, rule, knobs = schedule_kernel(func, self.target, rules(self.target), tuned)
+        if out is None:
+            raise ValueError("no rule schedules it")
+        scheduled = tvm.IRModule({"main": out})
+        args = self.ms.arg_info.ArgInfo.from_entry_func(scheduled, remove_preproc=True)
+        return types.SimpleNamespace(sch=types.SimpleNamespace(mod=scheduled), args_info=args), rule, knobs
+
+    def measure_defaults(self) -> None:
+        """tvmbundle's default schedule of each kernel, built and measured like a candidate: make
+        applies a tuning record only where it beats this. Kernels measured before are not
+        measured again."""
         known = self.store.defaults()
         todo, cands = [], []
         for task, kernel, _need in self.work:
             if kernel["workload"] in known:
                 continue
-            func = task.dispatched[0]["main"]
-            if task.task_name in self.weights:
-                func = func.with_attr("layout_free_buffers", self.weights[task.task_name])
             try:
-                with self.target:
-                    scheduled = ApplySchedules(*rules(self.target))(tvm.IRModule({"main": func}))
-                # the arguments as the kernel takes them once its repacking is removed (packed weights)
-                args = self.ms.arg_info.ArgInfo.from_entry_func(scheduled, remove_preproc=True)
+                cand, _rule, _knobs = self.rule_candidate(self.kernel_func(task), None)
             except Exception as e:  # noqa: BLE001 -- no default to compare with: records apply as before
                 log.info("%s: no default schedule to measure (%s)", task.task_name, e)
                 continue
             todo.append(kernel["workload"])
-            cands.append(types.SimpleNamespace(sch=types.SimpleNamespace(mod=scheduled), args_info=args))
+            cands.append(cand)
         if not cands or self.session.stopped():
             return
         results = self._measure_batch(cands)
         secs = {}
         for shash, r in zip(todo, results):
-            if r is not None and r.run_secs is not None:
-                runs = [float(x) for x in r.run_secs]
-                secs[shash] = sum(runs) / len(runs)
+            mean = _mean_secs(r)
+            if mean is not None:
+                secs[shash] = mean
         if secs:
             self.store.add_defaults(secs)
 
@@ -940,6 +1035,156 @@ class _Loop:
         _shutdown(self.pool)
         self.pool = None
         _shutdown(getattr(self.runner, "pool", None))
+
+
+def _mean_secs(result) -> float | None:
+    if result is None or result.run_secs is None:
+        return None
+    runs = [float(x) for x in result.run_secs]
+    return sum(runs) / len(runs) if runs and all(x < 1e9 for x in runs) else None
+
+
+class RuleSearch:
+    """Tunes tvmbundle's own default rules: for each kernel, the choices its rule makes (tile
+    sizes, loop orders: :class:`bundler.compile.schedules.Knobs`) are varied one at a time from
+    the best so far (coordinate descent), and each variant is built and measured like a
+    MetaSchedule candidate. The best are kept in the database (``rule_schedules.json``) for make.
+
+    Why our own search and not only MetaSchedule's: the default rules pack weights at compile
+    time, which MetaSchedule's candidates cannot in TVM 0.27 (see :meth:`Database.for_model`), so
+    on convolutions its best schedules lose to them; the rules' few choices, measured on the
+    board, are what beats them. Coordinate descent over a few dozen variants per kernel is enough
+    for spaces this small (two to four knobs of two to seven values) and costs about a minute of
+    building per model on two cores.
+
+    Kernels go largest share first (calls x default time), a few per batch, so a time limit cuts
+    the smallest; every batch is saved as it completes."""
+
+    ROUNDS = 3          # passes of coordinate descent per kernel
+    MIN_GAIN = 0.03     # a variant must beat the best by this fraction: the runner's noise
+    BATCH = 24          # candidates built and measured together
+
+    def __init__(self, loop: _Loop) -> None:
+        self.loop = loop
+
+    def run(self) -> None:
+        loop = self.loop
+        from bundler.compile.schedules import kernel_key
+
+        if loop.session.stopped():
+            return
+        done = loop.store.rule_schedules()
+        defaults = loop.store.defaults()
+        pending, unschedulable = [], {}
+        for task, kernel, _need in loop.work:
+            shash = kernel["workload"]
+            if shash in done:
+                continue
+            func = loop.kernel_func(task)
+            try:
+                _cand, rule, knobs = loop.rule_candidate(func, None)
+                if shash not in defaults:
+                    raise ValueError("its default schedule did not build or run")
+            except Exception as e:  # noqa: BLE001 -- nothing to search: make schedules it as it can
+                log.info("%s: no rule to tune (%s)", task.task_name, e)
+                # Remembered, so that a later run does not try again.
+                unschedulable[shash] = {"key": kernel_key(func), "rule": "", "knobs": {}, "secs": FAILED,
+                                        "default_secs": FAILED, "variants": 0}
+                continue
+            pending.append({"task": task, "shash": shash, "func": func, "rule": rule, "key": kernel_key(func),
+                            "best": {}, "secs": defaults[shash], "default": defaults[shash], "round": 0,
+                            "space": knobs.space, "seen": {()}, "measured": 0,
+                            "share": float(kernel.get("weight", 1)) * defaults[shash]})
+        if unschedulable:
+            loop.store.add_rule_schedules(unschedulable)
+        pending.sort(key=lambda p: -p["share"])
+        for p in pending:
+            p["done"] = not p["space"]
+        stopped = False
+        while not stopped and not loop.session.stopped():
+            # The next batch: the next round of variants of the largest kernels still searching.
+            batch, owners, rounds = [], [], []
+            for p in pending:
+                if p["done"]:
+                    continue
+                variants = self._variants(p)
+                if not variants:
+                    p["done"] = True
+                    continue
+                rounds.append(p)
+                for fixed in variants:
+                    try:
+                        cand, rule, _knobs = loop.rule_candidate(p["func"], {"rule": p["rule"], "knobs": fixed})
+                    except Exception:  # noqa: BLE001 -- a variant the rule refuses is no candidate
+                        continue
+                    if rule == p["rule"]:
+                        batch.append(cand)
+                        owners.append((p, fixed))
+                if len(batch) >= self.BATCH:
+                    break
+            if not rounds:
+                break
+            results = loop._measure_batch(batch) if batch else []
+            stopped = any(r is None for r in results)
+            for (p, fixed), r in zip(owners, results):
+                if r is None:
+                    continue
+                p["measured"] += 1
+                loop.variants += 1
+                secs = _mean_secs(r)
+                if secs is not None and secs < p["round_best"][0] * (1 - self.MIN_GAIN):
+                    p["round_best"] = (secs, fixed)
+            if stopped:              # cut in the middle of a round: keep what it measured
+                for p in rounds:
+                    secs, fixed = p["round_best"]
+                    p["secs"], p["best"] = secs, fixed
+                break
+            for p in rounds:
+                secs, fixed = p["round_best"]
+                if secs < p["secs"]:
+                    p["secs"], p["best"] = secs, fixed
+                else:
+                    p["done"] = True      # no single change helps: a local optimum
+                if p["round"] >= self.ROUNDS:
+                    p["done"] = True
+            self._save([p for p in rounds if p["done"]])
+        self._save([p for p in pending if p["measured"] or not p["space"]])
+        loop.kernels_knobs += sum(1 for p in pending if p["best"])
+
+    def _variants(self, p) -> list[dict[str, int]]:
+        """The knob settings one change away from the kernel's best (not measured before)."""
+        if p["round"] >= self.ROUNDS:
+            return []
+        _c, _r, knobs = self.loop.rule_candidate(p["func"], {"rule": p["rule"], "knobs": p["best"]})
+        out = []
+        for name, (default, options) in sorted(knobs.space.items()):
+            current = p["best"].get(name, default)
+            for v in options:
+                if v == current:
+                    continue
+                fixed = {**p["best"], name: v}
+                if v == default:
+                    del fixed[name]
+                key = tuple(sorted(fixed.items()))
+                if key in p["seen"]:
+                    continue
+                p["seen"].add(key)
+                out.append(fixed)
+        p["round"] += 1
+        p["round_best"] = (p["secs"], p["best"])
+        return out
+
+    def _save(self, kernels) -> None:
+        entries = {}
+        for p in kernels:
+            if p.get("saved") == (p["secs"], tuple(sorted(p["best"].items()))):
+                continue
+            p["saved"] = (p["secs"], tuple(sorted(p["best"].items())))
+            entries[p["shash"]] = {"key": p["key"], "rule": p["rule"], "knobs": p["best"], "secs": p["secs"],
+                                   "default_secs": p["default"], "variants": p["measured"]}
+            self.loop.measured_workloads.add(p["shash"])
+        if entries:
+            self.loop.store.add_rule_schedules(entries)
 
 
 def _kill_workers(pool) -> None:

@@ -309,7 +309,7 @@ class ModelSpec:
 class TuneSpec:
     """[tune]: defaults of `tvmbundle tune`."""
 
-    trials: int = key(is_int(1, 1_000_000), "candidates `tvmbundle tune` measures in all (MetaSchedule trials)",
+    trials: int = key(is_int(0, 1_000_000), "candidates `tvmbundle tune` measures in all (MetaSchedule trials; 0: only the default schedules' knobs)",
                       64)
     time_limit: float = key(is_float, "seconds `tvmbundle tune` may run (0: no limit)", 0, coerce=float)
 
