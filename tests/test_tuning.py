@@ -405,6 +405,9 @@ def test_aarch64_over_rpc_under_qemu(tmp_path):
     assert result.measured == 2
     db = result.database
     assert db.workloads >= 1          # measured on the board without errors (run_secs recorded)
+    # The default schedule and its knob variants were measured there too.
+    assert result.variants > 0
+    assert all(e["secs"] < tuning.FAILED for e in tuning.Store(db.path).rule_schedules().values())
     made = api.make("aarch64", m, out_dir=tmp_path / "dist")
     assert made.manifest.tuning["database"] == db.key
     assert made.verified and made.verified.ok    # its selftest under qemu-aarch64
@@ -590,3 +593,34 @@ def test_the_local_runner_measures_with_the_bundles_threads(tmp_path):
         assert runner.pool.submit(_threads_here).result(timeout=120) == "1/1"
     finally:
         tuning._shutdown(runner.pool)
+
+
+@pytest.mark.slow
+def test_knobs_found_for_aarch64_compute_what_onnxruntime_computes_under_qemu(tmp_path):
+    """Knobs for a NEON target (4 lanes: other tile choices than this machine's) in the aarch64
+    board's database, as `tune` on a board would leave them (written here: timings under qemu mean
+    nothing, so which knobs win there is chance): make schedules the kernel with them, and the
+    bundle's selftest under qemu-aarch64 agrees with onnxruntime."""
+    from bundler.compile import prepared as prepared_mod
+    from bundler.compile.schedules import kernel_key
+
+    m = depthwise(tmp_path / "dw.onnx", seed=6)
+    r = recipe.load("aarch64")
+    p = prepared_mod.prepare(m, None)
+    tasks, weights = tuning.extract_with_weights(p, m, r)
+    (task,) = tasks
+    shash = tuning._describe(task)["workload"]
+    store = tuning.open_store(tuning.board_target(r), runtime.compiler_versions())
+    store.add_defaults({shash: 1e-3})
+    store.add_rule_schedules({shash: {"key": kernel_key(task.dispatched[0]["main"]), "rule": "Conv2D",
+                                      "knobs": {"rows": 2, "pixels": 14}, "secs": 1e-4, "default_secs": 1e-3}})
+    made = api.make("aarch64", m, out_dir=tmp_path / "dist")
+    t = made.manifest.tuning
+    assert (t["kernels"], t["kernels_tuned_knobs"], t["kernels_defaulted"]) == (1, 1, 0), t
+    assert made.verified and made.verified.ok, made.verified
+    plain = api.make("aarch64", m, out_dir=tmp_path / "plain", tuned=False, run_verify=False)
+
+    def model_so(res):
+        return next(f.sha256 for f in res.manifest.files if f.path.endswith("model.so"))
+
+    assert model_so(made) != model_so(plain)       # the knobs changed the kernel (7 rows, 7 pixels alone)

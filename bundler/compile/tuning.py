@@ -729,10 +729,11 @@ def _tune(session, recipe, prepared, model_id, source, versions, trials, runner,
     shares = [k["weight"] * k["cost"] for k in kernels]
     need = [max(0, a - have.get(k["workload"], 0)) for a, k in zip(allocate(trials, shares), kernels)]
     skipped = sum(1 for n, k in zip(need, kernels) if n == 0 and have.get(k["workload"]))
-    # Kernels whose default schedule has not been measured, or its knobs not searched (a database
-    # of an earlier version): that comes first whatever the budget, since make compares with it.
-    known_defaults, searched = store.defaults(), store.rule_schedules()
-    unsearched = {k["workload"] for k in kernels if k["workload"] not in known_defaults or k["workload"] not in searched}
+    # Kernels whose default schedule has not been measured and its knobs searched (a database of an
+    # earlier version): that comes first whatever the budget, since make compares with it. (Every
+    # kernel RuleSearch has seen has an entry, a failed one where its default did not build.)
+    searched = store.rule_schedules()
+    unsearched = {k["workload"] for k in kernels if k["workload"] not in searched}
     if sum(need) == 0 and not unsearched:
         return TuneResult(open_database(store.path), len(tasks), 0, previously, time.monotonic() - start,
                           "already tuned", 0, skipped)
