@@ -29,6 +29,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.relax.frontend.onnx import from_onnx
 
 from bundler.compile import schedules
+from bundler.compile.deconv import non_overlapping_deconv
 from bundler.compile.schedules.cpu import describe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,7 +170,14 @@ CASES = [
     ("pointwise-odd-map", lambda: conv(c=24, hw=9, oc=40, k=1, pad=0), "conv2d", "Conv2D"),
     ("pointwise-stride2", lambda: conv(c=16, hw=14, oc=32, k=1, pad=0, stride=2, epilogue="none"), "conv2d", "Conv2D"),
     ("conv-one-channel-head", lambda: conv(c=16, hw=12, oc=1, epilogue="sigmoid"), "conv2d", None),
-    ("conv-transpose-2x2-stride2", lambda: conv(c=8, hw=6, oc=8, k=2, stride=2, pad=0, transpose=True), "conv2d_transpose", None),
+    # kernel == stride: rewritten to a 1x1 convolution and a depth-to-space shuffle (compile/deconv.py)
+    ("conv-transpose-2x2-stride2", lambda: conv(c=8, hw=6, oc=8, k=2, stride=2, pad=0, transpose=True), "conv2d", "Conv2D"),
+    ("conv-transpose-head-1-channel-batch2", lambda: conv(n=2, c=16, hw=10, oc=1, k=2, stride=2, pad=0, transpose=True,
+                                                          epilogue="sigmoid"), "conv2d", None),
+    ("conv-transpose-3x3-stride3-odd", lambda: conv(c=5, hw=7, oc=6, k=3, stride=3, pad=0, transpose=True), "conv2d", None),
+    # overlapping windows and padding: left to topi's conv2d_transpose
+    ("conv-transpose-3x3-stride2-pad1", lambda: conv(c=8, hw=6, oc=8, k=3, stride=2, pad=1, transpose=True),
+     "conv2d_transpose", None),
     ("gemv", lambda: gemm(), "matmul", "Matmul"),
     ("gemm-small-odd", lambda: gemm(m=5, k=33, n=19, trans_b=False, relu=True), "matmul", "Matmul"),
     ("gemm-nonconst-transposed", lambda: gemm(m=6, k=20, n=24, const_b=False), "matmul", "Matmul"),
@@ -194,7 +202,7 @@ CASES = [
 def _pre_passes():
     """What make runs before scheduling (bundler/compile/pipeline.py's _pre_tuning_passes)."""
     t = relax.transform
-    return [t.DecomposeOpsForInference(), t.CanonicalizeBindings(), relax.backend.DispatchSampling(),
+    return [non_overlapping_deconv, t.DecomposeOpsForInference(), t.CanonicalizeBindings(), relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(), t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant(),
             t.FuseOps(), t.FuseTIR()]
 
@@ -572,3 +580,28 @@ def test_knobs_without_a_value_are_the_rules_own_choices():
                   {"0" * 16: {"rule": rule, "knobs": {n: o[-1] for n, (_d, o) in space.items()}}}):
         _, mod = lower(model, TARGETS["native"], schedules.default_schedule_pass(t, tuned))
         assert tvm_ffi.structural_equal(mod, plain), tuned
+
+
+# --- transposed convolutions ------------------------------------------------------------------
+
+def _ops(mod) -> set[str]:
+    found = set()
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            found.add(e.op.name)
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return found
+
+
+@pytest.mark.parametrize("k, stride, pad, rewritten", [(2, 2, 0, True), (3, 3, 0, True), (4, 2, 1, False),
+                                                        (3, 2, 0, False), (2, 2, 1, False)])
+def test_only_non_overlapping_transposed_convolutions_are_rewritten(k, stride, pad, rewritten):
+    """kernel == stride without padding becomes conv2d + reshape/transpose; any other stays
+    conv2d_transpose (and both compute what onnxruntime computes: the CASES above)."""
+    model = conv(c=4, hw=5, oc=3, k=k, stride=stride, pad=pad, transpose=True, epilogue="none")
+    mod = non_overlapping_deconv(from_onnx(model, keep_params_in_input=False))
+    ops = _ops(mod)
+    assert ("relax.nn.conv2d_transpose" not in ops) == rewritten, ops
+    assert ("relax.nn.conv2d" in ops) == rewritten, ops

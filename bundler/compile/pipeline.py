@@ -29,8 +29,10 @@ def _pre_tuning_passes():
     is applied to. Tuning and compiling must run exactly these, or no workload would match."""
     from tvm import relax
 
+    from bundler.compile.deconv import non_overlapping_deconv
+
     t = relax.transform
-    return [t.DecomposeOpsForInference(), t.CanonicalizeBindings(), relax.backend.DispatchSampling(),
+    return [non_overlapping_deconv, t.DecomposeOpsForInference(), t.CanonicalizeBindings(), relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(), t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant(),
             t.FuseOps(), t.FuseTIR()]
 
