@@ -23,6 +23,8 @@ from tvm import relax
 from tvm.ir.expr import Constant  # a Relax constant in TVM 0.27
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from bundler.compile.relaxfuncs import mutate_functions
+
 
 def _ints(xs) -> list[int]:
     return [int(x) for x in xs]
@@ -78,10 +80,7 @@ class _Deconv(PyExprMutator):
         self.op = tvm.ir.Op.get("relax.nn.conv2d_transpose")
 
     def transform(self) -> tvm.IRModule:
-        for gv, func in self.mod.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
+        return mutate_functions(self, self.mod)
 
     def visit_call_(self, call: relax.Call):
         call = super().visit_call_(call)

@@ -86,7 +86,7 @@ def _pipeline_identity() -> str:
     """The compile pipeline's version, for the model cache's key: the hash of the pipeline and of
     the default schedules' sources, so a change to either recompiles instead of reusing old code."""
     here = Path(__file__).parent
-    files = [here / "pipeline.py", here / "deconv.py", *sorted((here / "schedules").glob("*.py"))]
+    files = [here / "pipeline.py", here / "deconv.py", here / "relaxfuncs.py", *sorted((here / "schedules").glob("*.py"))]
     return cache.key(*(cache.sha256_file(f) for f in files))
 
 

@@ -18,6 +18,8 @@ from tvm.ir.expr import Constant, TensorLoad  # a Relax constant and a TIR load 
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.s_tir.stmt import SBlock
 
+from bundler.compile.relaxfuncs import mutate_functions
+
 _OPS = {tirx.Add: np.add, tirx.Sub: np.subtract, tirx.Mul: np.multiply,
         tirx.FloorDiv: np.floor_divide, tirx.FloorMod: np.mod}
 
@@ -78,10 +80,7 @@ class _Fold(PyExprMutator):
         self.call_tir = tvm.ir.Op.get("relax.call_tir")
 
     def transform(self) -> tvm.IRModule:
-        for gv, func in self.mod.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
+        return mutate_functions(self, self.mod)
 
     def visit_call_(self, call: relax.Call):
         call = super().visit_call_(call)
