@@ -123,6 +123,27 @@ def _good(rec: Any) -> float | None:
     return None
 
 
+def _read_json(path: Path) -> Any:
+    """A database file's JSON; {} when it is missing or cut by a crash."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Replace a database file whole (readers never see half of it); callers hold the lock."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _is_rule_entry(v: Any) -> bool:
+    """An entry of rule_schedules.json (:meth:`Store.rule_schedules`) as make can use it."""
+    return (isinstance(v, dict) and isinstance(v.get("knobs"), dict) and isinstance(v.get("secs"), (int, float))
+            and isinstance(v.get("key"), str))
+
+
 class Store:
     """The files of one database folder, safe to append to from several processes."""
 
@@ -226,11 +247,7 @@ class Store:
         return self.path / MODELS / f"{model_id}.json"
 
     def model_info(self, model_id: str) -> dict[str, Any]:
-        f = self.model_file(model_id)
-        try:
-            return json.loads(f.read_text()) if f.is_file() else {}
-        except ValueError:
-            return {}
+        return _read_json(self.model_file(model_id))
 
     def update_model(self, model_id: str, **changes: Any) -> None:
         """Merge ``changes`` into the model's file ("measured" lists are united)."""
@@ -241,40 +258,26 @@ class Store:
                     info[k] = sorted(set(info.get(k, [])) | set(v)) if k == "measured" else v
                 f = self.model_file(model_id)
                 f.parent.mkdir(parents=True, exist_ok=True)
-                tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-                tmp.replace(f)
+                _write_json(f, info)
         except OSError as e:           # a read-only --tuning-db folder: the index is only a cache
             log.debug("cannot write %s: %s", self.model_file(model_id), e)
 
     def defaults(self) -> dict[str, float]:
         """Workload hash -> mean run time of tvmbundle's default schedule of that kernel, measured
         by `tune` with the same builder and runner as the candidates (:meth:`_Loop.measure_defaults`)."""
-        try:
-            data = json.loads((self.path / DEFAULTS).read_text()) if (self.path / DEFAULTS).is_file() else {}
-        except ValueError:
-            return {}
+        data = _read_json(self.path / DEFAULTS)
         return {k: float(v) for k, v in data.items() if isinstance(v, (int, float))} if isinstance(data, dict) else {}
 
     def add_defaults(self, secs: dict[str, float]) -> None:
         with self.lock():
-            merged = {**self.defaults(), **secs}
-            tmp = self.path / f".{DEFAULTS}.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
-            tmp.replace(self.path / DEFAULTS)
+            _write_json(self.path / DEFAULTS, {**self.defaults(), **secs})
 
     def rule_schedules(self) -> dict[str, dict[str, Any]]:
         """Workload hash -> what :class:`RuleSearch` found for the kernel: ``key`` (its
         :func:`~bundler.compile.schedules.kernel_key`), ``rule``, ``knobs`` ({} when none beat the
         rule's own choices), ``secs`` (the best measured) and ``default_secs``."""
-        try:
-            data = json.loads((self.path / RULES).read_text()) if (self.path / RULES).is_file() else {}
-        except ValueError:
-            return {}
-        if not isinstance(data, dict):
-            return {}
-        return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("knobs"), dict)
-                and isinstance(v.get("secs"), (int, float)) and isinstance(v.get("key"), str)}
+        data = _read_json(self.path / RULES)
+        return {k: v for k, v in data.items() if _is_rule_entry(v)} if isinstance(data, dict) else {}
 
     def add_rule_schedules(self, entries: dict[str, dict[str, Any]]) -> int:
         """Merge entries, keeping the faster one of a kernel found twice; returns how many changed."""
@@ -285,23 +288,15 @@ class Store:
                 if k not in merged or float(v["secs"]) < float(merged[k]["secs"]):
                     merged[k] = v
                     changed += 1
-            tmp = self.path / f".{RULES}.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
-            tmp.replace(self.path / RULES)
+            _write_json(self.path / RULES, merged)
         return changed
 
     def meta(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.path / META).read_text()) if (self.path / META).is_file() else {}
-        except ValueError:
-            return {}
+        return _read_json(self.path / META)
 
     def write_meta(self, **changes: Any) -> None:
         with self.lock():
-            meta = {**self.meta(), **changes}
-            tmp = self.path / f".{META}.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-            tmp.replace(self.path / META)
+            _write_json(self.path / META, {**self.meta(), **changes})
             # Listed by `tvmbundle cache` like every other entry; "created" is the last write, so
             # `cache prune --older-than` removes databases nobody has tuned into for that long.
             (self.path / ".complete.json").write_text(json.dumps({"created": time.time(), "tuning": True}))
@@ -590,19 +585,20 @@ def export_records(store: Store, dest: Path, target: dict[str, Any], versions: d
     for i, rec in store.records():
         if 0 <= i < len(wls):
             lines.append(json.dumps({"workload": wls[i], "record": rec}))
+    records = len(lines)
     defaults, rules = store.defaults(), store.rule_schedules()
     if defaults:
         lines.append(json.dumps({"default_schedules": defaults}, sort_keys=True))
     if rules:
         lines.append(json.dumps({"rule_schedules": rules}, sort_keys=True))
     header = {"format": EXPORT_FORMAT, "version": 2, "target": target, "versions": versions,
-              "records": len(lines) - bool(defaults) - bool(rules), "rule_schedules": len(rules),
+              "records": records, "rule_schedules": len(rules),
               "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
     tmp.write_text(json.dumps(header, sort_keys=True) + "\n" + "".join(x + "\n" for x in lines))
     tmp.replace(dest)
-    return header["records"]
+    return records
 
 
 def import_records(store: Store, src: Path, target: dict[str, Any], versions: dict[str, str]) -> tuple[int, int]:
@@ -634,9 +630,7 @@ def import_records(store: Store, src: Path, target: dict[str, Any], versions: di
         elif isinstance(obj.get("default_schedules"), dict):
             defaults.update({k: float(v) for k, v in obj["default_schedules"].items() if isinstance(v, (int, float))})
         elif isinstance(obj.get("rule_schedules"), dict):
-            rules.update({k: v for k, v in obj["rule_schedules"].items() if isinstance(v, dict)
-                          and isinstance(v.get("knobs"), dict) and isinstance(v.get("secs"), (int, float))
-                          and isinstance(v.get("key"), str)})
+            rules.update({k: v for k, v in obj["rule_schedules"].items() if _is_rule_entry(v)})
     added = store.append(pairs, dedupe=True)
     known = store.defaults()
     if any(k not in known for k in defaults):
