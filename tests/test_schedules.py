@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 tvm = pytest.importorskip("tvm")
 import tvm_ffi
+from tvm.s_tir.stmt import SBlock
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.relax.frontend.onnx import from_onnx
@@ -522,7 +523,7 @@ def test_bundle_verifies_under_qemu(board, tmp_path):
 
 # --- knobs: the choices `tune` varies ------------------------------------------------------------
 
-KNOB_CASES = [c for c in CASES if c[3] in ("Conv2D", "Matmul")]
+KNOB_CASES = [c for c in CASES if c[3] in ("Conv2D", "Matmul", "WindowReduction")]
 
 
 def _knob_spaces(model: onnx.ModelProto, t) -> dict[str, tuple[str, dict]]:
@@ -564,7 +565,7 @@ def test_every_knob_value_agrees_with_onnxruntime(case, factory, kernel, rule, t
                 assert marks == [f"{name}={v}"], (name, v, marks)
                 assert_close(run_tvm(ex, feeds), want)
                 tried += 1
-    if rule == "Conv2D" or case.startswith("gemm-small") or case.startswith("matmul"):
+    if rule == "Conv2D" or case.startswith("gemm-small") or case.startswith("matmul") or case.endswith("-pad"):
         assert tried > 0, spaces
 
 
@@ -605,3 +606,35 @@ def test_only_non_overlapping_transposed_convolutions_are_rewritten(k, stride, p
     ops = _ops(mod)
     assert ("relax.nn.conv2d_transpose" not in ops) == rewritten, ops
     assert ("relax.nn.conv2d" in ops) == rewritten, ops
+
+
+def _padded_where_read(mod, fragment: str) -> bool:
+    """Whether one parallel loop of the kernel computes both its padding and what reads it."""
+    (func,) = [f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and fragment in gv.name_hint]
+    loops = []
+    tvm_ffi.structural_walk(func.body, [(tvm.tirx.For, lambda lp: loops.append(lp) if lp.kind == tvm.tirx.ForKind.PARALLEL else None)])
+    for lp in loops:
+        names = []
+        tvm_ffi.structural_walk(lp.body, [(SBlock, lambda b: names.append(b.name_hint))])
+        if any("pad" in n for n in names) and any("pad" not in n for n in names):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("case, knob", [("depthwise", "pad_apart"), ("depthwise-stride2", "pad_apart"),
+                                        ("maxpool-3x3-stride2-pad", "pad_apart"), ("conv3x3", "pad_rows")])
+def test_padding_is_computed_where_it_is_read(case, knob):
+    """Depthwise convolutions and pools pad each channel inside the parallel loop that reads it,
+    instead of writing the whole padded input first; regular convolutions do so a few rows at
+    a time with the pad_rows knob. The knob's other value restores the other."""
+    (_c, factory, kernel, rule), = [c for c in CASES if c[0] == case]
+    model = factory()
+    t = tvm.target.Target(TARGETS["native"])
+    (key, (rule_name, space)), = _knob_spaces(model, t).items()
+    default, options = space[knob]
+    other = max(o for o in options if o != default)
+    got = []
+    for v in (default, other):
+        _t, mod = lower(model, TARGETS["native"], schedules.default_schedule_pass(t, {key: {"rule": rule_name, "knobs": {knob: v}}}))
+        got.append(_padded_where_read(mod, kernel))
+    assert got == ([True, False] if knob == "pad_apart" else [False, True]), got

@@ -69,18 +69,29 @@ class WindowReduction(CPURule):
         if X < 2:
             return None
 
-        for b in infos[:k]:
-            schedule_injective_block(sch, b.block_rv, cpu)
+        outer = [i.loop_rv for i in spatial[:-1]]
+        # Padding (or whatever else comes before the window) is computed one channel at a time
+        # right before the rows that read it, while it is in cache, when there are channels
+        # to run in parallel; else it is a parallel stage of its own. (ResNet's 64x112x112 max
+        # pool, 2 threads: the whole padded input written and read back made it 6x onnxruntime.)
+        local = len(outer) >= 2 and not knobs.pick("pad_apart", 0, (0, 1))
+        if not local:
+            for b in infos[:k]:
+                schedule_injective_block(sch, b.block_rv, cpu)
         block, consumer = split_epilogue(sch, infos, k)
         # Without a vector unit the same tile, unrolled: its accumulators in registers.
         t = register_tile(X, lanes)
         if t < 4:
             t = divisor_tile(X, 2 * lanes if lanes > 1 else 4, lanes)
         xo, xi = sch.split(x.loop_rv, [None, t])
-        outer = [i.loop_rv for i in spatial[:-1]]
         sch.reorder(*outer, xo, *[i.loop_rv for i in red], xi)
         work = product(as_int(i.dom) for i in info.iters)
-        if outer:
+        if local:
+            fused = parallelize(sch, outer[:-1], cpu, work=work)
+            for b in reversed(infos[:k]):
+                sch.compute_at(b.block_rv, fused, preserve_unit_loops=True)
+                vectorize_inner(sch, b.block_rv, lanes)
+        elif outer:
             parallelize(sch, outer, cpu, work=work)
         sch.reverse_compute_at(consumer, xo, preserve_unit_loops=True)
         if lanes > 1:
