@@ -638,3 +638,34 @@ def test_padding_is_computed_where_it_is_read(case, knob):
         _t, mod = lower(model, TARGETS["native"], schedules.default_schedule_pass(t, {key: {"rule": rule_name, "knobs": {knob: v}}}))
         got.append(_padded_where_read(mod, kernel))
     assert got == ([True, False] if knob == "pad_apart" else [False, True]), got
+
+
+def _window_vectorized(mod, fragment: str) -> bool:
+    """Whether the kernel's window (its reduction's update block) sits in a vectorized loop."""
+    (func,) = [f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and fragment in gv.name_hint]
+    loops = []
+    tvm_ffi.structural_walk(func.body, [(tvm.tirx.For, lambda lp: loops.append(lp) if lp.kind == tvm.tirx.ForKind.VECTORIZED else None)])
+    for lp in loops:
+        names = []
+        tvm_ffi.structural_walk(lp.body, [(SBlock, lambda b: names.append(b.name_hint))])
+        if any(n.endswith("_update") for n in names):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("case, strided", [("depthwise", False), ("depthwise-stride2", True),
+                                           ("maxpool-3x3-stride2-pad", True)])
+def test_strided_windows_are_left_to_llvm_to_vectorize(case, strided):
+    """A stride-2 window's pixels are unrolled, not vectorized by TVM (which would load every
+    other input pixel lane by lane); the vector_strided knob vectorizes them. Stride 1 is vectorized."""
+    (_c, factory, kernel, _rule), = [c for c in CASES if c[0] == case]
+    model = factory()
+    t = tvm.target.Target(TARGETS["native"])
+    (key, (rule_name, space)), = _knob_spaces(model, t).items()
+    _t, mod = lower(model, TARGETS["native"])
+    assert _window_vectorized(mod, kernel) is not strided
+    assert ("vector_strided" in space) is strided
+    if strided:
+        tuned = {key: {"rule": rule_name, "knobs": {"vector_strided": 1}}}
+        _t, mod = lower(model, TARGETS["native"], schedules.default_schedule_pass(t, tuned))
+        assert _window_vectorized(mod, kernel)

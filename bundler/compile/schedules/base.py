@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from tvm import s_tir, tirx
+from tvm.sym.pattern import detect_linear_equation
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
@@ -110,6 +111,13 @@ def param_index(func: tirx.PrimFunc, buffer) -> int | None:
 
 def region_mins(region) -> list:
     return [r.min for r in region.region]
+
+
+def column_stride(index, var) -> int | None:
+    """The constant step of ``index`` per step of ``var`` (a window's stride), or None when
+    ``index`` is not linear in it."""
+    coef = detect_linear_equation(index, [var])
+    return as_int(coef[0]) if len(coef) == 2 else None
 
 
 def is_var(expr, var) -> bool:

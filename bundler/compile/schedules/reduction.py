@@ -20,6 +20,7 @@ from .base import (
     CPURule,
     Knobs,
     as_int,
+    column_stride,
     divisor_tile,
     one_reduction,
     parallelize,
@@ -94,7 +95,9 @@ class WindowReduction(CPURule):
         elif outer:
             parallelize(sch, outer, cpu, work=work)
         sch.reverse_compute_at(consumer, xo, preserve_unit_loops=True)
-        if lanes > 1:
+        # A strided window unrolled for LLVM's SLP vectorizer, as in Conv2D's pixel tiles.
+        strided = any((column_stride(region_mins(r)[-1], x.var) or 1) > 1 for r in stmt.reads)
+        if lanes > 1 and (not strided or knobs.pick("vector_strided", 0, (0, 1))):
             sch.vectorize(xi)
         else:
             sch.unroll(xi)
