@@ -608,17 +608,23 @@ def test_only_non_overlapping_transposed_convolutions_are_rewritten(k, stride, p
     assert ("relax.nn.conv2d" in ops) == rewritten, ops
 
 
-def _padded_where_read(mod, fragment: str) -> bool:
-    """Whether one parallel loop of the kernel computes both its padding and what reads it."""
+def _blocks_under(mod, fragment: str, kind) -> list[list[str]]:
+    """The names of the blocks inside each loop of ``kind`` of the kernel named like ``fragment``."""
     (func,) = [f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and fragment in gv.name_hint]
     loops = []
-    tvm_ffi.structural_walk(func.body, [(tvm.tirx.For, lambda lp: loops.append(lp) if lp.kind == tvm.tirx.ForKind.PARALLEL else None)])
+    tvm_ffi.structural_walk(func.body, [(tvm.tirx.For, lambda lp: loops.append(lp) if lp.kind == kind else None)])
+    out = []
     for lp in loops:
         names = []
-        tvm_ffi.structural_walk(lp.body, [(SBlock, lambda b: names.append(b.name_hint))])
-        if any("pad" in n for n in names) and any("pad" not in n for n in names):
-            return True
-    return False
+        tvm_ffi.structural_walk(lp.body, [(SBlock, lambda blk: names.append(blk.name_hint))])
+        out.append(names)
+    return out
+
+
+def _padded_where_read(mod, fragment: str) -> bool:
+    """Whether one parallel loop of the kernel computes both its padding and what reads it."""
+    return any(any("pad" in n for n in names) and any("pad" not in n for n in names)
+               for names in _blocks_under(mod, fragment, tvm.tirx.ForKind.PARALLEL))
 
 
 @pytest.mark.parametrize("case, knob", [("depthwise", "pad_apart"), ("depthwise-stride2", "pad_apart"),
@@ -642,15 +648,8 @@ def test_padding_is_computed_where_it_is_read(case, knob):
 
 def _window_vectorized(mod, fragment: str) -> bool:
     """Whether the kernel's window (its reduction's update block) sits in a vectorized loop."""
-    (func,) = [f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and fragment in gv.name_hint]
-    loops = []
-    tvm_ffi.structural_walk(func.body, [(tvm.tirx.For, lambda lp: loops.append(lp) if lp.kind == tvm.tirx.ForKind.VECTORIZED else None)])
-    for lp in loops:
-        names = []
-        tvm_ffi.structural_walk(lp.body, [(SBlock, lambda b: names.append(b.name_hint))])
-        if any(n.endswith("_update") for n in names):
-            return True
-    return False
+    return any(any(n.endswith("_update") for n in names)
+               for names in _blocks_under(mod, fragment, tvm.tirx.ForKind.VECTORIZED))
 
 
 @pytest.mark.parametrize("case, strided", [("depthwise", False), ("depthwise-stride2", True),
