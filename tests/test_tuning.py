@@ -279,6 +279,41 @@ def test_export_import_round_trip(tmp_path, monkeypatch, run_cli):
     assert code != 0 and "target" in err
 
 
+def test_timings_of_other_default_schedules_are_measured_again(tmp_path, monkeypatch, caplog):
+    """Default-schedule timings and knobs are stamped with the schedules they were measured
+    against: after an upgrade that changes the schedules, make applies no record on their word
+    (a record that beat the old defaults may lose to the new), tune measures them again, and
+    an export from the other version brings its records but not its timings."""
+    from bundler.compile import prepared as prepared_mod
+
+    m = tiny(tmp_path / "tiny.onnx", seed=21)
+    r = recipe.load("x86_64")
+    db_path = api.tune("x86_64", m, trials=2).database.path
+    default_times(db_path, 1e9)                       # the records beat the default schedule
+    p = prepared_mod.prepare(m, None)
+    db = tuning.find(p.model_id, r, runtime.compiler_versions())
+    assert db.for_model(p, p.model_id, m, r).path is not None
+    f = tmp_path / "records.jsonl"
+    tuning.export_records(tuning.Store(db_path), f, tuning.board_target(r), runtime.compiler_versions())
+
+    monkeypatch.setattr(tuning, "pipeline_identity", lambda: "other schedules")
+    store = tuning.Store(db_path)
+    assert not store.current() and store.defaults() == {} and store.rule_schedules() == {}
+    with caplog.at_level("WARNING", logger="tvmbundle"):
+        applied = db.for_model(p, p.model_id, m, r)
+    assert applied.path is None and (applied.tuned, applied.defaulted) == (0, 1)
+    assert "another tvmbundle version" in caplog.text
+
+    again = api.tune("x86_64", m, trials=2)           # the budget is spent, the timings are not
+    assert again.stopped != "already tuned" and again.measured == 0
+    assert store.current() and len(store.defaults()) == 1 and store.rule_schedules()
+
+    monkeypatch.setenv("TVMBUNDLE_TUNING_DIR", str(tmp_path / "elsewhere"))
+    elsewhere = tuning.open_store(tuning.board_target(r), runtime.compiler_versions())
+    added, _dup = tuning.import_records(elsewhere, f, tuning.board_target(r), runtime.compiler_versions())
+    assert added == 2 and elsewhere.defaults() == {} and not elsewhere.current()
+
+
 def test_per_model_databases_of_earlier_versions_are_merged(tmp_path):
     """A folder of the old layout (tuning/<model key>/) is merged into the shared database once."""
     r = recipe.load("x86_64")

@@ -12,6 +12,7 @@ import numpy as np
 from bundler import cache, proc
 from bundler.build.toolchain import Toolchain
 from bundler.compile.pipeline import board_target, pipeline
+from bundler.compile.pipeline import identity as pipeline_identity
 from bundler.compile.prepared import Prepared, TensorSpec
 from bundler.config.recipe import Recipe, display_path
 from bundler.errors import ModelError, RecipeError
@@ -61,7 +62,7 @@ def compile_for_board(prepared: Prepared, model_id: str, source: Path, recipe: R
     The target carries the board's thread count (num-cores)."""
     applied = database.for_model(prepared, model_id, source, recipe) if database else None
     key = cache.key("model", model_id, board_target(recipe), versions, tc.identity(),
-                    {"tuning": applied.sha256 if applied else None, "pipeline": _pipeline_identity()})
+                    {"tuning": applied.sha256 if applied else None, "pipeline": pipeline_identity()})
 
     def build(tmp: Path) -> dict[str, Any]:
         tvm, _ = _tvm()
@@ -80,14 +81,6 @@ def compile_for_board(prepared: Prepared, model_id: str, source: Path, recipe: R
 
     entry = cache.get("model", key, build)
     return CompiledModel(entry.path / "model.so", entry.hit)
-
-
-def _pipeline_identity() -> str:
-    """The compile pipeline's version, for the model cache's key: the hash of the pipeline and of
-    the default schedules' sources, so a change to either recompiles instead of reusing old code."""
-    here = Path(__file__).parent
-    files = [here / "pipeline.py", here / "deconv.py", here / "relaxfuncs.py", *sorted((here / "schedules").glob("*.py"))]
-    return cache.key(*(cache.sha256_file(f) for f in files))
 
 
 def _workdir(tmp: Path) -> Path:

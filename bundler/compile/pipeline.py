@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bundler import cache
 from bundler.config.recipe import Recipe
 
 
@@ -22,6 +23,16 @@ def board_target(recipe: Recipe) -> dict[str, Any]:
     t = recipe.target_dict()
     t.setdefault("num-cores", recipe.service.threads)
     return t
+
+
+def identity() -> str:
+    """The version of the compile pipeline and of the default schedules: the hash of their
+    sources. The model cache keys on it (a change recompiles instead of reusing old code), and
+    the tuning database stamps its default-schedule timings and knobs with it (measured against
+    other default schedules, they say nothing about these)."""
+    here = Path(__file__).parent
+    files = [here / "pipeline.py", here / "deconv.py", here / "relaxfuncs.py", *sorted((here / "schedules").glob("*.py"))]
+    return cache.key(*(cache.sha256_file(f) for f in files))
 
 
 def _pre_tuning_passes():

@@ -21,7 +21,9 @@ share its records. The folder holds
   the same builder and runner as the candidates;
 * ``rule_schedules.json``: for each kernel, the knobs of its default rule (tile sizes, loop
   order: :class:`bundler.compile.schedules.Knobs`) that measured fastest (:class:`RuleSearch`);
-* ``tuning.json``: what it is for and the runs that wrote it.
+* ``tuning.json``: what it is for, the runs that wrote it, and the version of the default
+  schedules the two files above were measured against (``schedules``): after an upgrade that
+  changes them, make applies no record on their word and the next ``tune`` measures them again.
 
 Per-model folders of earlier versions (``tuning/<model key>/``) are merged into it on first use.
 
@@ -58,6 +60,7 @@ from bundler import cache
 from bundler.compile import candidates
 from bundler.compile.model import to_relax
 from bundler.compile.pipeline import board_target, lower_for_tuning
+from bundler.compile.pipeline import identity as pipeline_identity
 from bundler.config.recipe import Recipe
 from bundler.errors import ModelError, UserError
 
@@ -262,33 +265,53 @@ class Store:
         except OSError as e:           # a read-only --tuning-db folder: the index is only a cache
             log.debug("cannot write %s: %s", self.model_file(model_id), e)
 
+    def current(self) -> bool:
+        """Whether the default-schedule timings and knobs were measured against this version's
+        default schedules (``schedules`` in tuning.json: :func:`~bundler.compile.pipeline.identity`).
+        When not, they are ignored: make applies no record or knobs on their word, and the next
+        `tune` measures them again."""
+        return self.meta().get("schedules") == pipeline_identity()
+
+    def _stamp(self) -> None:
+        """Under the lock: mark the timings as measured against this version's schedules."""
+        _write_json(self.path / META, {**self.meta(), "schedules": pipeline_identity()})
+
     def defaults(self) -> dict[str, float]:
         """Workload hash -> mean run time of tvmbundle's default schedule of that kernel, measured
-        by `tune` with the same builder and runner as the candidates (:meth:`_Loop.measure_defaults`)."""
-        data = _read_json(self.path / DEFAULTS)
+        by `tune` with the same builder and runner as the candidates (:meth:`_Loop.measure_defaults`);
+        {} when measured against other default schedules (:meth:`current`)."""
+        data = _read_json(self.path / DEFAULTS) if self.current() else None
         return {k: float(v) for k, v in data.items() if isinstance(v, (int, float))} if isinstance(data, dict) else {}
 
     def add_defaults(self, secs: dict[str, float]) -> None:
         with self.lock():
+            rules = self.rule_schedules()
             _write_json(self.path / DEFAULTS, {**self.defaults(), **secs})
+            # Stale knobs go with the stale timings they were compared with.
+            _write_json(self.path / RULES, rules)
+            self._stamp()
 
     def rule_schedules(self) -> dict[str, dict[str, Any]]:
         """Workload hash -> what :class:`RuleSearch` found for the kernel: ``key`` (its
         :func:`~bundler.compile.schedules.kernel_key`), ``rule``, ``knobs`` ({} when none beat the
-        rule's own choices), ``secs`` (the best measured) and ``default_secs``."""
-        data = _read_json(self.path / RULES)
+        rule's own choices), ``secs`` (the best measured) and ``default_secs``; {} when measured
+        against other default schedules (:meth:`current`)."""
+        data = _read_json(self.path / RULES) if self.current() else None
         return {k: v for k, v in data.items() if _is_rule_entry(v)} if isinstance(data, dict) else {}
 
     def add_rule_schedules(self, entries: dict[str, dict[str, Any]]) -> int:
         """Merge entries, keeping the faster one of a kernel found twice; returns how many changed."""
         changed = 0
         with self.lock():
+            defaults = self.defaults()
             merged = self.rule_schedules()
             for k, v in entries.items():
                 if k not in merged or float(v["secs"]) < float(merged[k]["secs"]):
                     merged[k] = v
                     changed += 1
             _write_json(self.path / RULES, merged)
+            _write_json(self.path / DEFAULTS, defaults)
+            self._stamp()
         return changed
 
     def meta(self) -> dict[str, Any]:
@@ -386,6 +409,13 @@ class Database:
         # is, with its weights packed at compile time, which MetaSchedule's candidates cannot do in
         # TVM 0.27 (a trace with a layout rewrite does not serialize), so on convolutions
         # MetaSchedule alone loses to the defaults.
+        if best and not store.current():
+            # Compared with the default schedules of an earlier version, a record may have beaten
+            # those and lose to these: the defaults stay until `tune` measures them again.
+            log.warning("%s: %d kernels' tuning records were compared with the default schedules of "
+                        "another tvmbundle version and are not applied; `tvmbundle tune` measures them "
+                        "again (--trials 0: the defaults and their knobs alone)", self.path.name, len(best))
+            best = {}
         defaults = store.defaults()
         rules = {k: v for k, v in store.rule_schedules().items() if k in wanted}
         own = {k: min(defaults.get(k, math.inf), float(rules[k]["secs"]) if k in rules else math.inf) for k in wanted}
@@ -592,7 +622,7 @@ def export_records(store: Store, dest: Path, target: dict[str, Any], versions: d
     if rules:
         lines.append(json.dumps({"rule_schedules": rules}, sort_keys=True))
     header = {"format": EXPORT_FORMAT, "version": 2, "target": target, "versions": versions,
-              "records": records, "rule_schedules": len(rules),
+              "records": records, "rule_schedules": len(rules), "schedules": pipeline_identity(),
               "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
@@ -632,6 +662,10 @@ def import_records(store: Store, src: Path, target: dict[str, Any], versions: di
         elif isinstance(obj.get("rule_schedules"), dict):
             rules.update({k: v for k, v in obj["rule_schedules"].items() if _is_rule_entry(v)})
     added = store.append(pairs, dedupe=True)
+    if (defaults or rules) and header.get("schedules") != pipeline_identity():
+        # Timings of another version's default schedules: this one measures its own.
+        log.info("%s: its default-schedule timings and knobs are for another tvmbundle version: not imported", src)
+        defaults, rules = {}, {}
     known = store.defaults()
     if any(k not in known for k in defaults):
         store.add_defaults({k: v for k, v in defaults.items() if k not in known})
