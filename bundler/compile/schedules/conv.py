@@ -153,7 +153,7 @@ class Conv2D(CPURule):
             return None
         wshape = [as_int(s) for s in stmt.reads[w_index].source.shape]
         oshape = [as_int(s) for s in stmt.writes[0].source.shape]
-        OC, ICg, OW = wshape[0], wshape[1], oshape[3]
+        OC, ICg, OW, N = wshape[0], wshape[1], oshape[3], oshape[0]
         IC = as_int(stmt.reads[d_index].source.shape[1])
         rc = role.get("rc")
         grouped = not ((rc is not None and is_var(data[1], rc.var)) or
@@ -185,7 +185,7 @@ class Conv2D(CPURule):
                                        if t >= max(4, lanes // 4) and channels % t == 0
                                        and pixel_tile_max(cpu, t, lanes) >= 2])
             return self._oc_vector(sch, infos, k, loops, cpu, knobs, lanes, nr, OW, w_index if packable else None, pads)
-        if not (depthwise and lanes > 1 and {"f", "y", "x"} <= set(role)):
+        if not (depthwise and lanes > 1 and {"f", "y", "x"} <= set(role) and OC * N >= 2 * cpu.threads):
             _pad_apart(sch, pads, cpu)
             pads = []
         strided = "x" in role and (column_stride(data[3], role["x"].var) or 1) > 1

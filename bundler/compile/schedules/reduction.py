@@ -73,9 +73,10 @@ class WindowReduction(CPURule):
         outer = [i.loop_rv for i in spatial[:-1]]
         # Padding (or whatever else comes before the window) is computed one channel at a time
         # right before the rows that read it, while it is in cache, when there are channels
-        # to run in parallel; else it is a parallel stage of its own. (ResNet's 64x112x112 max
+        # enough for every thread; else it is a parallel stage of its own. (ResNet's 64x112x112 max
         # pool, 2 threads: the whole padded input written and read back made it 6x onnxruntime.)
-        local = len(outer) >= 2 and not knobs.pick("pad_apart", 0, (0, 1))
+        planes = product(as_int(i.dom) for i in spatial[:-2]) if len(spatial) > 2 else 0
+        local = k > 0 and planes >= 2 * cpu.threads and not knobs.pick("pad_apart", 0, (0, 1))
         if not local:
             for b in infos[:k]:
                 schedule_injective_block(sch, b.block_rv, cpu)
