@@ -7,6 +7,7 @@ kernels, or no tuned workload would match at compile time: :func:`lower_for_tuni
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,13 @@ def board_target(recipe: Recipe) -> dict[str, Any]:
     return t
 
 
+@functools.cache
 def identity() -> str:
     """The version of the compile pipeline and of the default schedules: the hash of their
     sources. The model cache keys on it (a change recompiles instead of reusing old code), and
     the tuning database stamps its default-schedule timings and knobs with it (measured against
-    other default schedules, they say nothing about these)."""
+    other default schedules, they say nothing about these). Hashed once per process, so that
+    sources edited while it runs cannot make its own timings look stale."""
     here = Path(__file__).parent
     files = [here / "pipeline.py", here / "deconv.py", here / "relaxfuncs.py", *sorted((here / "schedules").glob("*.py"))]
     return cache.key(*(cache.sha256_file(f) for f in files))
