@@ -272,8 +272,11 @@ class Store:
         `tune` measures them again."""
         return self.meta().get("schedules") == pipeline_identity()
 
-    def _stamp(self) -> None:
-        """Under the lock: mark the timings as measured against this version's schedules."""
+    def _save_timings(self, defaults: dict[str, float], rules: dict[str, dict[str, Any]]) -> None:
+        """Under the lock: both files, stamped as measured against this version's schedules (so
+        stale entries in either one go with the other's)."""
+        _write_json(self.path / DEFAULTS, defaults)
+        _write_json(self.path / RULES, rules)
         _write_json(self.path / META, {**self.meta(), "schedules": pipeline_identity()})
 
     def defaults(self) -> dict[str, float]:
@@ -285,11 +288,7 @@ class Store:
 
     def add_defaults(self, secs: dict[str, float]) -> None:
         with self.lock():
-            rules = self.rule_schedules()
-            _write_json(self.path / DEFAULTS, {**self.defaults(), **secs})
-            # Stale knobs go with the stale timings they were compared with.
-            _write_json(self.path / RULES, rules)
-            self._stamp()
+            self._save_timings({**self.defaults(), **secs}, self.rule_schedules())
 
     def rule_schedules(self) -> dict[str, dict[str, Any]]:
         """Workload hash -> what :class:`RuleSearch` found for the kernel: ``key`` (its
@@ -303,15 +302,12 @@ class Store:
         """Merge entries, keeping the faster one of a kernel found twice; returns how many changed."""
         changed = 0
         with self.lock():
-            defaults = self.defaults()
             merged = self.rule_schedules()
             for k, v in entries.items():
                 if k not in merged or float(v["secs"]) < float(merged[k]["secs"]):
                     merged[k] = v
                     changed += 1
-            _write_json(self.path / RULES, merged)
-            _write_json(self.path / DEFAULTS, defaults)
-            self._stamp()
+            self._save_timings(self.defaults(), merged)
         return changed
 
     def meta(self) -> dict[str, Any]:

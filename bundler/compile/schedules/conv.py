@@ -290,7 +290,7 @@ class Conv2D(CPURule):
         block, consumer = split_epilogue(sch, infos, k)
         # A depthwise convolution pads one channel at a time, right before the rows that read it,
         # into a buffer that stays in L2, instead of writing the whole padded input to memory
-        # and reading it back (MobileNetV2's 32x112x112 layer, 2 threads: 144 against 108 us).
+        # and reading it back (MobileNetV2's 32x112x112 layer, 2 threads: 74 against 109 us).
         # (Stored deinterleaved for stride 2, even columns then odd ones, the taps would read
         # contiguous vectors, but TVM scalarizes the strided copy that makes it: 1.5x slower.)
         local_pad = bool(pads) and not knobs.pick("pad_apart", 0, (0, 1))
