@@ -243,6 +243,14 @@ def pixel_tile_max(cpu: CPU, nr: int, lanes: int) -> int:
     return max(1, min(8, (cpu.vector_registers - vecs - 2) // vecs))
 
 
+def compute_stages_at(sch: s_tir.Schedule, blocks, loop, lanes: int) -> None:
+    """Compute the producer stages ``blocks`` (in program order) under ``loop``, each vectorized
+    over its innermost loop: the last one first, as compute_at needs its consumer placed."""
+    for b in reversed(list(blocks)):
+        sch.compute_at(b, loop, preserve_unit_loops=True)
+        vectorize_inner(sch, b, lanes)
+
+
 def vectorize_if_not(sch, block, lanes) -> None:
     loops = sch.get_loops(block)
     if loops and sch.get(loops[-1]).kind != tirx.ForKind.VECTORIZED:

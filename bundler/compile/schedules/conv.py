@@ -30,6 +30,7 @@ from .base import (
     Knobs,
     as_int,
     column_stride,
+    compute_stages_at,
     divisor_tile,
     is_var,
     layout_free_params,
@@ -44,7 +45,6 @@ from .base import (
     tile_writeback,
     uses,
     vectorize_if_not,
-    vectorize_inner,
 )
 from .cpu import CPU
 from .elementwise import schedule_injective_block
@@ -222,9 +222,7 @@ class Conv2D(CPURule):
             par = [lp for lp in (loops.get("n"), yo) if lp is not None]
             sch.reorder(*par, fo, yi, *([xo] if xo else []), *red, *([xi] if xi else []), fi)
             fused = parallelize(sch, par, cpu)
-            for b in reversed(pads):
-                sch.compute_at(b, fused, preserve_unit_loops=True)
-                vectorize_inner(sch, b, lanes)
+            compute_stages_at(sch, pads, fused, lanes)
             at = xo or yi
         else:
             rows_first = knobs.pick("rows_first", 0, (0, 1))
@@ -328,9 +326,7 @@ class Conv2D(CPURule):
             # Parallel over channels only: the rows of a channel share its padded plane.
             rows = outer.pop()
             fused = parallelize(sch, outer, cpu)
-            for b in reversed(pads):
-                sch.compute_at(b, fused, preserve_unit_loops=True)
-                vectorize_inner(sch, b, lanes)
+            compute_stages_at(sch, pads, fused, lanes)
             if xo is None:
                 fused = rows
         else:

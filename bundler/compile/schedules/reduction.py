@@ -21,6 +21,7 @@ from .base import (
     Knobs,
     as_int,
     column_stride,
+    compute_stages_at,
     divisor_tile,
     one_reduction,
     parallelize,
@@ -90,9 +91,7 @@ class WindowReduction(CPURule):
         work = product(as_int(i.dom) for i in info.iters)
         if local:
             fused = parallelize(sch, outer[:-1], cpu, work=work)
-            for b in reversed(infos[:k]):
-                sch.compute_at(b.block_rv, fused, preserve_unit_loops=True)
-                vectorize_inner(sch, b.block_rv, lanes)
+            compute_stages_at(sch, [b.block_rv for b in infos[:k]], fused, lanes)
         elif outer:
             parallelize(sch, outer, cpu, work=work)
         sch.reverse_compute_at(consumer, xo, preserve_unit_loops=True)
