@@ -7,6 +7,7 @@ kernels, or no tuned workload would match at compile time: :func:`lower_for_tuni
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Any
@@ -72,10 +73,15 @@ def pipeline(target, database: Path | None = None, knobs: dict[str, dict] | None
 
     @tvm.transform.module_pass(opt_level=0, name="tvmbundle_pipeline")
     def _pipeline(mod, _ctx):
-        with target:
+        with target, contextlib.ExitStack() as stack:
             passes = list(_pre_tuning_passes())
             if database is not None:
-                passes.append(relax.transform.MetaScheduleApplyDatabase(str(database)))
+                # Opened here rather than given as a folder: for a folder the pass logs a warning
+                # (with the cache's paths) on every compile.
+                from tvm.s_tir import meta_schedule as ms
+
+                stack.enter_context(ms.database.JSONDatabase(work_dir=str(database), allow_missing=False))
+                passes.append(relax.transform.MetaScheduleApplyDatabase())
             passes.append(default_schedule_pass(target, knobs))
             passes += relax_pipeline.dataflow_lower_passes(target) + relax_pipeline.finalize_passes(target)
             return tvm.transform.Sequential(passes)(mod)
