@@ -725,9 +725,14 @@ def tune(recipe: Recipe, prepared, model_id: str, source: Path, versions: dict[s
     """
     start = time.monotonic()
     session = _Session(start + timeout if timeout > 0 else None)
-    with session.signals():
-        result = _tune(session, recipe, prepared, model_id, source, versions, trials, runner, builder,
-                       runner_name, on_progress, start)
+    try:
+        with session.signals():
+            result = _tune(session, recipe, prepared, model_id, source, versions, trials, runner, builder,
+                           runner_name, on_progress, start)
+    finally:
+        # Also when no loop ran ("already tuned"): left to the collector, the runner's pool shuts
+        # down at exit, where a Ctrl-C prints its traceback.
+        _shutdown(getattr(runner, "pool", None))
     if result.stopped == "interrupted":
         raise KeyboardInterrupt
     return result
