@@ -18,7 +18,7 @@ from bundler import cache
 from bundler.build import harness, runtime, toolchain
 from bundler.compile import model as model_mod
 from bundler.compile import prepared as prepared_mod
-from bundler.compile import rpc, tuning
+from bundler.compile import rpc, tuning, verdict
 from bundler.compile.pipeline import board_target
 from bundler.config import recipe as recipe_mod
 from bundler.config import values
@@ -46,6 +46,7 @@ class MakeResult:
         return [s.name for s in self.steps if not s.cached and s.name.split(" ")[0] in _BUILD_STEPS]
 
 
+CHECK_GRACE = 30.0      # s past tune's time limit the whole-model check may start a compile or a round
 _BUILD_STEPS = {"prepare", "get", "build", "compile", "compute", "package"}
 
 
@@ -123,7 +124,7 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
                       f"{db.workloads} kernels)")
     with progress.step(f"compile {model.name} for {r.name}") as s:
         compiled = model_mod.compile_for_board(prepared, model_id, model, r, tc, versions, database=db)
-        s.done(cached=compiled.cached, detail="tuned" if db else "untuned: default schedules")
+        s.done(cached=compiled.cached, detail=_tuning_detail(db))
     with progress.step("compute selftest vectors on this machine") as s:
         vectors = model_mod.selftest_vectors(prepared, model_id, model, r.model.seed, versions)
         s.done(cached=vectors.cached)
@@ -170,6 +171,22 @@ def make(board: str | recipe_mod.Recipe, model: Path | str, *,
     if run_verify:
         report = verify(out, board=r, progress=progress, reverify=reverify, trust=trust)
     return MakeResult(out, bid, manifest, list(progress.steps), report, overlay)
+
+
+def _tuning_detail(db: tuning.Database | None) -> str:
+    if db is None:
+        return "untuned: default schedules"
+    check = db.usage.get("model_check", "unchecked")
+    applied = db.usage.get("kernels_tuned", 0) + db.usage.get("kernels_from_other_models", 0)
+    if check == "defaults":
+        return "default schedules: the whole model measured slower with its tuning"
+    if check == "knobs":
+        return "tuned knobs of the default schedules: the whole model measured slower with its records"
+    if not applied:
+        return "default schedules: no tuning of its kernels beat them"
+    if check == "unchecked":
+        return "tuned (the whole model not timed with it yet: `tvmbundle tune` does)"
+    return "tuned: faster than the default schedules on the whole model"
 
 
 def _tuning_database(tuned: bool | Path | str, model_id: str, r: recipe_mod.Recipe,
@@ -300,6 +317,8 @@ def tune(board, model: Path | str | None, *, input_shapes=None, trials: int | No
         if endpoint is None:
             os.environ.setdefault("TVM_NUM_THREADS", str(r.service.threads))
         limit = f", at most {time_limit:g} s" if time_limit else ""
+        # The whole-model check after the loop may take a little past the limit, not more.
+        deadline = time.monotonic() + time_limit + CHECK_GRACE if time_limit else None
         with progress.step(f"tune {model.name} for {r.name}: {trials} trials{limit}, measured {where}") as s:
             def report(done: int, total: int) -> None:
                 s.update(f"measured {done}/{total}", min(1.0, done / total) if total else 1.0)
@@ -310,6 +329,15 @@ def tune(board, model: Path | str | None, *, input_shapes=None, trials: int | No
                           f"{result.kernels_measured} of {result.tasks} kernels, {result.kernels_skipped} "
                           f"had their share already; {result.variants} variants of the default schedules, "
                           f"{result.kernels_knobs} kernel(s) faster with tuned knobs")
+        if emulate:
+            progress.note("the whole-model check of the tuning is skipped: timings under qemu mean nothing")
+        else:
+            with progress.step(f"time {model.name} with and without its tuning, measured {where}") as s:
+                v = verdict.check(r, prepared, model_id, model, versions, endpoint,
+                                  "this machine" if endpoint is None else where, deadline)
+                s.done(detail=v.describe() if v else "not checked: past the time limit"
+                       if deadline is not None and time.monotonic() >= deadline else "no tuning applies to it")
+            result = dataclasses.replace(result, check=v.to_json() if v else None)
     if imported:
         result = dataclasses.replace(result, imported=imported)
     return _tune_records(r, None, export_file, progress, result) if export_file else result

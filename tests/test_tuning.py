@@ -10,7 +10,6 @@ import glob
 import importlib.metadata as md
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -123,6 +122,7 @@ def default_times(db_path: Path, secs: float | None = None) -> dict[str, float]:
     default schedule: timings decide that, so tests that count applied records fix them)."""
     data = json.loads((db_path / tuning.DEFAULTS).read_text())
     if secs is not None:
+        forget_checks(db_path)
         data = {k: secs for k in data}
         (db_path / tuning.DEFAULTS).write_text(json.dumps(data))
         if (db_path / tuning.RULES).is_file():
@@ -130,6 +130,15 @@ def default_times(db_path: Path, secs: float | None = None) -> dict[str, float]:
             (db_path / tuning.RULES).write_text(json.dumps({k: {**v, "secs": secs, "default_secs": secs}
                                                             for k, v in rules.items()}))
     return data
+
+
+def forget_checks(db_path: Path) -> None:
+    """Drop the whole-model verdicts tune left (of this machine's noise on a tiny model): with
+    them, make would apply what the verdict chose instead of what the test's fixed timings say."""
+    for f in (db_path / tuning.MODELS).glob("*.json"):
+        info = json.loads(f.read_text())
+        info.pop("check", None)
+        f.write_text(json.dumps(info))
 
 
 def test_native_tune_make_and_resume(tmp_path, run_cli):
@@ -234,6 +243,68 @@ def test_a_kernel_tuned_for_one_model_serves_another(tmp_path):
     default_times(db_path, 1e9)
     t = api.make("x86_64", b, out_dir=tmp_path / "dist2", run_verify=False).manifest.tuning
     assert (t["kernels_tuned"], t["kernels_from_other_models"], t["kernels_defaulted"]) == (1, 1, 0)
+
+
+@needs_tuning
+def test_make_applies_what_timing_the_whole_model_chose(tmp_path, run_cli):
+    """tune ends by timing the whole model on the board (here: the x86_64 board's own RPC server)
+    with all of its tuning, with only the default rules' knobs and with none; make applies the
+    fastest of them, says which in the manifest, and a verdict holds only for the tuning it timed."""
+    from bundler.compile import prepared as prepared_mod
+    from bundler.compile import verdict
+
+    m = two_kernels(tmp_path / "two.onnx", seed=31)
+    code, out, err = run_cli("tune", "x86_64", "--model", str(m), "--trials", "2", "--json", "-q")
+    assert code == 0, err
+    res = json.loads(out)
+    db_path = Path(res["database"])
+    if res["model_check"] is not None:          # None: nothing of it beat the defaults on this machine
+        assert res["model_check"]["choice"] in tuning.CHOICES and res["model_check"]["rounds"] == verdict.ROUNDS
+        assert set(res["model_check"]["ms"]) >= {"tuned", "defaults"}
+
+    # Fixed timings: one kernel's records beat its default schedule, the other's knobs beat its own.
+    first, second = _kernels(m)
+    default_times(db_path, 1e9)
+    defaults = json.loads((db_path / tuning.DEFAULTS).read_text())
+    defaults[second] = 1e-3
+    (db_path / tuning.DEFAULTS).write_text(json.dumps(defaults))
+    rules = json.loads((db_path / tuning.RULES).read_text())
+    rules[first] = {**rules[first], "knobs": {}}
+    rules[second] = {**rules[second], "knobs": {"nr": 4}, "secs": 1e-6, "default_secs": 1e-3}
+    (db_path / tuning.RULES).write_text(json.dumps(rules))
+    r = recipe.load("x86_64")
+    p = prepared_mod.prepare(m, None)
+    db = tuning.find(p.model_id, r, runtime.compiler_versions())
+    assert db.for_model(p, p.model_id, m, r).check == "unchecked"
+
+    v = verdict.check(r, p, p.model_id, m, runtime.compiler_versions(), None, "this machine")
+    assert list(v.ms) == ["tuned", "knobs", "defaults"] and all(x > 0 for x in v.ms.values()) and v.measured
+    assert db.for_model(p, p.model_id, m, r).check == v.choice
+    again = verdict.check(r, p, p.model_id, m, runtime.compiler_versions(), None, "this machine")
+    assert not again.measured and again.choice == v.choice          # kept, not timed again
+
+    # Whatever this machine's noise chose, make applies what the verdict says.
+    info_file = tuning.Store(db_path).model_file(p.model_id)
+    info = json.loads(info_file.read_text())
+    expected = {"tuned": (2, 1, 0), "knobs": (1, 1, 1), "defaults": (0, 0, 2)}   # tuned counts knobs too
+    libs = {}
+    for choice, (tuned, knobs, defaulted) in expected.items():
+        info_file.write_text(json.dumps({**info, "check": {**info["check"], "choice": choice}}))
+        made = api.make("x86_64", m, out_dir=tmp_path / choice, run_verify=choice != "knobs")
+        t = made.manifest.tuning
+        assert t["model_check"] == choice, t
+        assert (t["kernels_tuned"], t["kernels_tuned_knobs"], t["kernels_defaulted"]) == (tuned, knobs, defaulted), t
+        assert made.verified is None or made.verified.ok
+        libs[choice] = next(f.sha256 for f in made.manifest.files if f.path.endswith("model.so"))
+    assert len(set(libs.values())) == 3
+    plain = api.make("x86_64", m, out_dir=tmp_path / "plain", tuned=False, run_verify=False)
+    assert next(f.sha256 for f in plain.manifest.files if f.path.endswith("model.so")) == libs["defaults"]
+
+    # Other tuning (here: other knobs) is not what was timed: unchecked, all of it applies.
+    rules[second] = {**rules[second], "knobs": {"nr": 8}}
+    (db_path / tuning.RULES).write_text(json.dumps(rules))
+    t = api.make("x86_64", m, out_dir=tmp_path / "other", run_verify=False).manifest.tuning
+    assert t["model_check"] == "unchecked" and (t["kernels_tuned"], t["kernels_defaulted"]) == (2, 0), t
 
 
 @needs_tuning
@@ -429,6 +500,44 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path):
 
 @pytest.mark.slow
 @needs_tuning
+def test_ctrl_c_in_the_whole_model_check(tmp_path):
+    """Ctrl-C while the whole-model check's timing process is starting (its imports: the moment
+    a child still has Python's own Ctrl-C handler): exit 130, no traceback from either process,
+    the process gone, the tuning kept and the check left undone."""
+    import signal
+
+    m = two_kernels(tmp_path / "two.onnx", seed=32)
+    env = dict(os.environ)                            # own_tuning_dir's database
+    first = api.tune("x86_64", m, trials=2)
+    default_times(first.database.path, 1e9)           # its records apply: the next run checks the model
+    p = subprocess.Popen([sys.executable, "-m", "bundler", "tune", "x86_64", "--model", str(m), "--trials", "2",
+                          "-q"], cwd=Path(__file__).resolve().parent.parent, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def timers() -> list[str]:
+        ps = subprocess.run(["pgrep", "-s", str(p.pid), "-f", "multiprocessing.spaw[n]"], capture_output=True, text=True)
+        return ps.stdout.split()
+
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.poll() is None and not timers():
+            time.sleep(0.01)
+        assert p.poll() is None and timers(), f"no timing process: {p.communicate()[1]}"
+        os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "what was measured is kept" in err, err
+    assert not timers()
+    store = tuning.Store(first.database.path)
+    assert store.by_workload() and "check" not in store.model_info(_model_id(m))
+
+
+@pytest.mark.slow
+@needs_tuning
 def test_aarch64_over_rpc_under_qemu(tmp_path):
     """The whole RPC flow for a foreign board: the board's own harness serves under qemu-aarch64,
     candidates are cross-built with the board's compiler and measured there, make applies them."""
@@ -499,32 +608,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-device = pytest.mark.skipif(not (shutil.which("sshd") and shutil.which("unshare") and os.geteuid() == 0),
-                            reason="test devices need root, openssh-server and unshare (see tests/test_release.py)")
 
 
 @pytest.mark.slow
 @needs_tuning
-@device
-def test_tune_on_a_device_over_ssh_leaves_nothing_behind(tmp_path):
+def test_tune_on_a_device_over_ssh_leaves_nothing_behind(tmp_path, devices):
     """--host: the RPC server goes to the device, listens on its loopback only, is reached through
-    the SSH connection, measures, and is stopped and removed. The device is a loopback sshd
-    (tests/sshd.py) on this x86_64 machine, so the x86_64 board's server runs there natively."""
+    the SSH connection, measures (the candidates, then the whole model with and without its
+    tuning), and is stopped and removed. The device is a booted Debian 12 root (tests/devices.py)
+    on this x86_64 machine, logged into as its normal user pi, so the x86_64 board's server runs
+    there natively."""
     if recipe.host_cpu_family() != "x86_64":
         pytest.skip("the device is this machine: needs an x86_64 build machine")
-    from tests.sshd import Fleet
-
-    m = fresh(tiny(tmp_path / "tiny.onnx", seed=10), "x86_64")
-    before = set(glob.glob("/tmp/tvmbundle-rpc.*"))
-    with Fleet(tmp_path) as fleet:
-        (dev,) = fleet.add(1)
-        opts = {"identity": dev.key, "known_hosts": dev.known_hosts}
-        result = api.tune("x86_64", m, trials=2, host=f"root@{dev.host}:{dev.port}", ssh_options=opts)
-        assert result.measured == 2 and result.database is not None
-        assert result.database.meta["runner"] == f"RPC (root@{dev.host}:{dev.port} via SSH)"
-        assert set(glob.glob("/tmp/tvmbundle-rpc.*")) <= before            # its folder is gone
-        ps = subprocess.run(["pgrep", "-f", "tvm-deploy rpc"], capture_output=True, text=True)
-        assert ps.stdout.strip() == "", "the RPC server was left running"
+    m = two_kernels(tmp_path / "two.onnx", seed=10)
+    (dev,) = devices.add(1)
+    opts = {"identity": dev.key, "known_hosts": dev.known_hosts}
+    result = api.tune("x86_64", m, trials=2, host=f"pi@{dev.host}:{dev.port}", ssh_options=opts)
+    assert result.measured == 2 and result.database is not None
+    where = f"RPC (pi@{dev.host}:{dev.port} via SSH)"
+    assert result.database.meta["runner"] == where
+    assert result.check is None or result.check["where"] == where     # None: no tuning beat the defaults
+    # Default schedules made slow on paper: their records apply, so a second run (with nothing left to
+    # measure, or a little) must time the whole model on the device.
+    default_times(result.database.path, 1e9)
+    again = api.tune("x86_64", m, trials=2, host=f"pi@{dev.host}:{dev.port}", ssh_options=opts)
+    assert again.check is not None and again.check["where"] == where and again.check["measured"], again.check
+    assert again.check["rounds"] > 0 and all(ms > 0 for ms in again.check["ms"].values())
+    assert dev.sh("ls -d /tmp/tvmbundle-rpc.* 2>/dev/null", user="pi").stdout.strip() == ""   # its folder is gone
+    # [y]: the pattern must not match the shell that runs pgrep, whose own argv holds it.
+    ps = dev.sh("pgrep -u pi -f 'tvm-deplo[y] rpc' || true", user="pi")
+    assert ps.stdout.strip() == "", "the RPC server was left running"
 
 
 @pytest.mark.slow
@@ -595,6 +708,7 @@ def test_tune_searches_the_default_schedules_knobs_and_make_applies_the_faster(t
     rules = json.loads((db_path / tuning.RULES).read_text())
     rules[shash] = {**entry, "knobs": {"rows": 2, "pixels": 14}, "secs": 1e-6, "default_secs": 1e-3}
     (db_path / tuning.RULES).write_text(json.dumps(rules))
+    forget_checks(db_path)
     made = api.make("x86_64", m, out_dir=tmp_path / "a", run_verify=True)
     t = made.manifest.tuning
     assert (t["kernels"], t["kernels_tuned"], t["kernels_tuned_knobs"], t["kernels_defaulted"]) == (1, 1, 1, 0), t

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                           "build_workers": result.build_workers, "measure_workers": result.measure_workers,
                           "imported": result.imported, "exported": result.exported,
                           "rule_variants": result.variants, "kernels_with_knobs": result.kernels_knobs,
-                          "stopped": result.stopped}, indent=2))
+                          "stopped": result.stopped, "model_check": result.check}, indent=2))
     else:
         print(db.path if db else "no tuning records")
         if args.model and not args.quiet:

@@ -54,13 +54,14 @@ class CompiledModel:
 
 
 def compile_for_board(prepared: Prepared, model_id: str, source: Path, recipe: Recipe, tc: Toolchain,
-                      versions: dict[str, str], database=None) -> CompiledModel:
+                      versions: dict[str, str], database=None, choice: str | None = None) -> CompiledModel:
     """``model_id`` is ``prepared.model_id`` (the prepared graph's sha256).
 
     ``database`` (a :class:`bundler.compile.tuning.Database`) supplies tuned schedules: the best record of
     each of the model's kernels it has (from any model); kernels it lacks get the default schedules.
-    The target carries the board's thread count (num-cores)."""
-    applied = database.for_model(prepared, model_id, source, recipe) if database else None
+    ``choice`` is what of it to apply (:meth:`~bundler.compile.tuning.Database.for_model`; default:
+    what the model's whole-model check chose). The target carries the board's thread count (num-cores)."""
+    applied = database.for_model(prepared, model_id, source, recipe, choice) if database else None
     key = cache.key("model", model_id, board_target(recipe), versions, tc.identity(),
                     {"tuning": applied.sha256 if applied else None, "pipeline": pipeline_identity()})
 

@@ -142,6 +142,19 @@ def cross_export_for(tc) -> Callable:
     return functools.partial(cross_export, str(tc.cxx), [*options, *tc.ldflags])
 
 
+def connect(endpoint: Endpoint, timeout: int = 60):
+    """A session with the server (one of the tracker's, behind a tracker)."""
+    from tvm import rpc as tvm_rpc
+
+    try:
+        if endpoint.tracker:
+            return tvm_rpc.connect_tracker(endpoint.host, endpoint.port).request(endpoint.key, session_timeout=timeout)
+        return tvm_rpc.connect(endpoint.host, endpoint.port, key=endpoint.key, session_timeout=timeout)
+    except Exception as e:  # noqa: BLE001 -- TVM's RPC errors: said with where it tried
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot reach the RPC server ({endpoint.describe()}): {last}") from None
+
+
 def _connect_direct(host: str, port: int, key: str, timeout: int, _config: Any):
     """MetaSchedule f_create_session for a server reached without a tracker."""
     from tvm import rpc

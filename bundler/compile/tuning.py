@@ -16,7 +16,8 @@ share its records. The folder holds
   files (what ``MetaScheduleApplyDatabase`` reads), appended under a lock (``.lock``) so
   several ``tune`` runs can share it;
 * ``models/<model sha256>.json``: which workloads a model has and which its own runs measured
-  (so ``make`` can tell kernels tuned for this model from kernels tuned for another);
+  (so ``make`` can tell kernels tuned for this model from kernels tuned for another), and what
+  timing the whole model with and without its tuning chose (:mod:`bundler.compile.verdict`);
 * ``default_schedules.json``: what tvmbundle's default schedule of each kernel measured, with
   the same builder and runner as the candidates;
 * ``rule_schedules.json``: for each kernel, the knobs of its default rule (tile sizes, loop
@@ -139,6 +140,12 @@ def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
+
+
+def _is_check(model_id: Any, v: Any) -> bool:
+    # The model's sha256 names a file on this machine: nothing else may.
+    return isinstance(model_id, str) and len(model_id) == 64 and all(c in "0123456789abcdef" for c in model_id) \
+        and isinstance(v, dict) and isinstance(v.get("digest"), str) and v.get("choice") in CHOICES
 
 
 def _is_rule_entry(v: Any) -> bool:
@@ -265,6 +272,24 @@ class Store:
         except OSError as e:           # a read-only --tuning-db folder: the index is only a cache
             log.debug("cannot write %s: %s", self.model_file(model_id), e)
 
+    def model_check(self, model_id: str, digest: str) -> dict[str, Any] | None:
+        """The model's whole-model check (:mod:`bundler.compile.verdict`) if it timed the tuning of
+        this ``digest`` (:attr:`Applied.digest`) with this version's default schedules, else None."""
+        check = self.model_info(model_id).get("check")
+        if _is_check(model_id, check) and check["digest"] == digest and check.get("schedules") == pipeline_identity():
+            return check
+        return None
+
+    def model_checks(self) -> dict[str, dict[str, Any]]:
+        """Model sha256 -> its whole-model check (:mod:`bundler.compile.verdict`), for every model."""
+        out = {}
+        for f in sorted((self.path / MODELS).glob("*.json")):
+            info = _read_json(f)
+            check = info.get("check") if isinstance(info, dict) else None
+            if _is_check(f.stem, check):
+                out[f.stem] = check
+        return out
+
     def current(self) -> bool:
         """Whether the default-schedule timings and knobs were measured against this version's
         default schedules (``schedules`` in tuning.json: :func:`~bundler.compile.pipeline.identity`).
@@ -347,6 +372,13 @@ class Applied:
     default_faster: int = 0   # kernels whose best record lost to the default schedule (not applied)
     knobs: dict[str, dict] = field(default_factory=dict)   # kernel_key -> {"rule", "knobs"}
     with_knobs: int = 0       # kernels scheduled by their rule with tuned knobs
+    # What the whole-model check (:mod:`bundler.compile.verdict`) chose for this tuning: one of
+    # CHOICES, or "unchecked" (no `tune` timed it since it changed). Only what it chose is applied.
+    check: str = "unchecked"
+    digest: str | None = None     # of all the tuning the database has for the model, before the check
+
+
+CHOICES = ("tuned", "knobs", "defaults")    # all the tuning; the default rules' knobs only; none
 
 
 @dataclass(frozen=True)
@@ -380,11 +412,18 @@ class Database:
                 "kernels_tuned": u["kernels_tuned"], "kernels_from_other_models": u["kernels_from_other_models"],
                 "kernels_defaulted": u["kernels_defaulted"],
                 "kernels_default_faster": u.get("kernels_default_faster", 0),
-                "kernels_tuned_knobs": u.get("kernels_tuned_knobs", 0), "apache-tvm": self.meta.get("apache-tvm")}
+                "kernels_tuned_knobs": u.get("kernels_tuned_knobs", 0), "model_check": u.get("model_check", "unchecked"),
+                "apache-tvm": self.meta.get("apache-tvm")}
 
-    def for_model(self, prepared, model_id: str, source: Path, recipe: Recipe) -> Applied:
+    def for_model(self, prepared, model_id: str, source: Path, recipe: Recipe, choice: str | None = None) -> Applied:
         """The best record of each of the model's kernels, as a database folder of its own (in the
-        build cache, named by its content) for MetaScheduleApplyDatabase."""
+        build cache, named by its content) for MetaScheduleApplyDatabase, and the knobs of the
+        default rules where they are faster.
+
+        Each kernel's tuning beat its default schedule alone, but the model as a whole can still
+        be slower with it (kernels timed one by one see other caches than in the model), so only
+        what the model's whole-model check chose is applied. ``choice`` (one of CHOICES) overrides
+        it: what that check builds to compare."""
         store = Store(self.path)
         kernels = model_kernels(store, prepared, model_id, source, recipe)
         measured_here = set(store.model_info(model_id).get("measured", []))
@@ -422,11 +461,26 @@ class Database:
         for k, v in rules.items():
             if k not in best and v["knobs"] and float(v["secs"]) < defaults.get(k, float(v.get("default_secs", math.inf))):
                 knobs[v["key"]] = {"rule": v["rule"], "knobs": v["knobs"]}
+        def digest_of(best, knobs) -> str | None:
+            return cache.key("tuning-applied", sorted((k, json.dumps(best[k][1])) for k in best), knobs) \
+                if best or knobs else None
+
+        everything = digest_of(best, knobs)
+        check = "unchecked"
+        if choice is None and everything:
+            verdict = store.model_check(model_id, everything)
+            if verdict:
+                choice = check = verdict["choice"]
+        elif choice is not None:
+            check = choice
+        if choice in ("knobs", "defaults"):
+            best = {}
+        if choice == "defaults":
+            knobs = {}
         with_knobs = {k for k, v in rules.items() if v["key"] in knobs}
         improved = set(best) | with_knobs
         tuned = sum(1 for k in improved if k in measured_here)
-        digest = cache.key("tuning-applied", sorted((k, json.dumps(best[k][1])) for k in best), knobs) \
-            if improved else None
+        digest = digest_of(best, knobs)
         path = None
         if best:
             order = sorted(best)
@@ -440,13 +494,13 @@ class Database:
 
             path = cache.get("tuning-applied", cache.key("tuning-applied", wl_text, rec_text), build).path
         applied = Applied(path, digest, len(wanted), tuned, len(improved) - tuned, len(wanted) - len(improved),
-                          records, len(lost), knobs, len(with_knobs))
+                          records, len(lost), knobs, len(with_knobs), check if everything else "unchecked", everything)
         self.usage.clear()
         self.usage.update({"records_sha256": applied.sha256, "kernels": applied.kernels,
                            "kernels_tuned": applied.tuned, "kernels_from_other_models": applied.reused,
                            "kernels_defaulted": applied.defaulted, "model_records": applied.records,
                            "kernels_default_faster": applied.default_faster,
-                           "kernels_tuned_knobs": applied.with_knobs})
+                           "kernels_tuned_knobs": applied.with_knobs, "model_check": applied.check})
         return applied
 
 
@@ -605,7 +659,8 @@ def allocate(total: int, shares: list[float]) -> list[int]:
 def export_records(store: Store, dest: Path, target: dict[str, Any], versions: dict[str, str]) -> int:
     """Write the database as one portable JSON-lines file: a header, one line per record with its
     workload, then (format version 2) the default schedules' timings and tuned knobs, which make
-    compares records with and applies. Returns the number of records."""
+    compares records with and applies, and the models' whole-model checks (which hold where the
+    same tuning applies). Returns the number of records."""
     wls = store.workloads()
     lines = []
     for i, rec in store.records():
@@ -617,6 +672,9 @@ def export_records(store: Store, dest: Path, target: dict[str, Any], versions: d
         lines.append(json.dumps({"default_schedules": defaults}, sort_keys=True))
     if rules:
         lines.append(json.dumps({"rule_schedules": rules}, sort_keys=True))
+    checks = store.model_checks()
+    if checks:
+        lines.append(json.dumps({"model_checks": checks}, sort_keys=True))
     header = {"format": EXPORT_FORMAT, "version": 2, "target": target, "versions": versions,
               "records": records, "rule_schedules": len(rules), "schedules": pipeline_identity(),
               "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -647,7 +705,7 @@ def import_records(store: Store, src: Path, target: dict[str, Any], versions: di
     if header.get("versions") != versions:
         raise UserError(f"--import: {src}: its records were measured with {header.get('versions')}, "
                         f"this machine has {versions}: MetaSchedule records do not carry over between TVM versions")
-    pairs, defaults, rules = [], {}, {}
+    pairs, defaults, rules, checks = [], {}, {}, {}
     for i, obj in enumerate(_lines(src)):
         if i == 0 or not isinstance(obj, dict):
             continue
@@ -657,6 +715,8 @@ def import_records(store: Store, src: Path, target: dict[str, Any], versions: di
             defaults.update({k: float(v) for k, v in obj["default_schedules"].items() if isinstance(v, (int, float))})
         elif isinstance(obj.get("rule_schedules"), dict):
             rules.update({k: v for k, v in obj["rule_schedules"].items() if _is_rule_entry(v)})
+        elif isinstance(obj.get("model_checks"), dict):
+            checks.update({k: v for k, v in obj["model_checks"].items() if _is_check(k, v)})
     added = store.append(pairs, dedupe=True)
     if (defaults or rules) and header.get("schedules") != pipeline_identity():
         # Timings of another version's default schedules: this one measures its own.
@@ -666,6 +726,11 @@ def import_records(store: Store, src: Path, target: dict[str, Any], versions: di
     if any(k not in known for k in defaults):
         store.add_defaults({k: v for k, v in defaults.items() if k not in known})
     knobs = store.add_rule_schedules(rules) if rules else 0
+    for model_id, check in checks.items():
+        # This machine's own verdict stays; one for what applies here now is taken (for_model
+        # ignores one of other tuning by its digest).
+        if not isinstance(store.model_info(model_id).get("check"), dict):
+            store.update_model(model_id, check=check)
     store.write_meta(imported=[*store.meta().get("imported", []),
                                {"file": src.name, "records": added, "rule_schedules": knobs,
                                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}])
@@ -707,6 +772,7 @@ class TuneResult:
     exported: int = 0            # records --export wrote
     variants: int = 0            # knob variants of the default rules measured (RuleSearch)
     kernels_knobs: int = 0       # kernels whose rule got knobs faster than its own choices
+    check: dict[str, Any] | None = None   # the whole-model check (bundler.compile.verdict.Verdict.to_json)
 
     @property
     def trials_per_minute(self) -> float:
