@@ -300,6 +300,14 @@ def test_make_applies_what_timing_the_whole_model_chose(tmp_path, run_cli):
     plain = api.make("x86_64", m, out_dir=tmp_path / "plain", tuned=False, run_verify=False)
     assert next(f.sha256 for f in plain.manifest.files if f.path.endswith("model.so")) == libs["defaults"]
 
+    # A board that cannot be reached: a clear error, and no verdict is kept.
+    forget_checks(db_path)
+    with pytest.raises(UserError, match="cannot reach the RPC server"):
+        verdict.check(r, p, p.model_id, m, runtime.compiler_versions(), rpc.Endpoint("127.0.0.1", _free_port()),
+                      "nowhere")
+    assert "check" not in tuning.Store(db_path).model_info(p.model_id)
+    info_file.write_text(json.dumps(info))
+
     # Other tuning (here: other knobs) is not what was timed: unchecked, all of it applies.
     rules[second] = {**rules[second], "knobs": {"nr": 8}}
     (db_path / tuning.RULES).write_text(json.dumps(rules))

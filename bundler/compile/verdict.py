@@ -32,6 +32,7 @@ from bundler.compile import rpc, tuning
 from bundler.compile.model import compile_for_board, make_inputs
 from bundler.compile.pipeline import identity as pipeline_identity
 from bundler.config.recipe import Recipe
+from bundler.errors import UserError
 
 log = logging.getLogger("tvmbundle")
 
@@ -95,7 +96,15 @@ def check(recipe: Recipe, prepared, model_id: str, source: Path, versions: dict[
         # RPC client here starved them (the VM never loaded). The worker ignores Ctrl-C (no
         # traceback of its own) and leaving the pool kills it (Ctrl-C stops the check at once).
         with _worker() as pool:
-            ms, rounds = pool.apply(_time, (endpoint, {c: str(p) for c, p in libs.items()}, inputs, deadline))
+            try:
+                ms, rounds = pool.apply(_time, (endpoint, {c: str(p) for c, p in libs.items()}, inputs, deadline))
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- TVM's RPC errors, raised again in this process
+                last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise UserError(f"{source.name}: timing the whole model ({where}) failed: {last}",
+                                hint="the tuning measured so far is kept, unchecked (make applies all of it); "
+                                     "run the same tune again to check it") from None
     if not rounds:
         return None
     # The first of the fastest: with equal medians, the more tuned one.
