@@ -468,40 +468,46 @@ def test_the_time_limit_ends_a_round_in_progress(tmp_path, monkeypatch):
     assert not Path(f"/proc/{pid}").exists()
 
 
-@needs_tuning
-@pytest.mark.slow
-def test_ctrl_c_keeps_what_was_measured(tmp_path):
-    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) in the middle of a run:
-    exit 130 within seconds, no traceback from tvmbundle or its workers, the records kept."""
+def interrupt_tune(model: Path, trials: int, ready, settle: float = 0.0) -> tuple[int, str, float]:
+    """Run `tvmbundle tune` in a session of its own, wait (at most 120 s) until ``ready(pid)`` says
+    the moment has come, then Ctrl-C it as a terminal does (SIGINT to the whole process group).
+    (returncode, stderr, seconds it took to stop after the signal)."""
     import signal
 
-    m = tiny(tmp_path / "tiny.onnx", seed=13)
-    env = dict(os.environ, TVMBUNDLE_TUNING_DIR=str(tmp_path / "tuning"))
-    p = subprocess.Popen([sys.executable, "-m", "bundler", "tune", "x86_64", "--model", str(m), "--trials",
-                          "100000", "-q"], cwd=Path(__file__).resolve().parent.parent, env=env,
+    p = subprocess.Popen([sys.executable, "-m", "bundler", "tune", "x86_64", "--model", str(model), "--trials",
+                          str(trials), "-q"], cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        records = None
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and p.poll() is None:
-            found = glob.glob(str(tmp_path / "tuning" / "*" / tuning.RECORDS))
-            if found and Path(found[0]).read_text().count("\n") >= 1:
-                records = Path(found[0])
-                break
-            time.sleep(0.2)
-        assert records is not None, f"no record after 90 s: {p.stderr.read() if p.poll() is not None else ''}"
-        time.sleep(1.0)                                  # into the next round
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.poll() is None and not ready(p.pid):
+            time.sleep(0.01)
+        assert p.poll() is None and ready(p.pid), f"not ready after 120 s: {p.communicate()[1]}"
+        time.sleep(settle)
         os.killpg(p.pid, signal.SIGINT)
         t0 = time.monotonic()
         _, err = p.communicate(timeout=60)
-        took = time.monotonic() - t0
+        return p.returncode, err, time.monotonic() - t0
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-    assert p.returncode == 130, err
+
+
+@needs_tuning
+@pytest.mark.slow
+def test_ctrl_c_keeps_what_was_measured(tmp_path, own_tuning_dir):
+    """Ctrl-C in the middle of a run: exit 130 within seconds, no traceback from tvmbundle or its
+    workers, the records kept."""
+    m = tiny(tmp_path / "tiny.onnx", seed=13)
+
+    def records(_pid=None) -> Path | None:
+        found = glob.glob(str(own_tuning_dir / "*" / tuning.RECORDS))
+        return Path(found[0]) if found and Path(found[0]).read_text().count("\n") >= 1 else None
+
+    code, err, took = interrupt_tune(m, 100000, records, settle=1.0)     # settle: into the next round
+    assert code == 130, err
     assert "Traceback" not in err and "what was measured is kept" in err, err
-    kept = [line for line in records.read_text().splitlines() if line.strip()]
+    kept = [line for line in records().read_text().splitlines() if line.strip()]
     assert kept and all(json.loads(line)[0] == 0 for line in kept)
     assert took < 30, f"took {took:.0f} s to stop"
 
@@ -512,34 +518,20 @@ def test_ctrl_c_in_the_whole_model_check(tmp_path):
     """Ctrl-C while the whole-model check's timing process is starting (its imports: the moment
     a child still has Python's own Ctrl-C handler): exit 130, no traceback from either process,
     the process gone, the tuning kept and the check left undone."""
-    import signal
-
     m = two_kernels(tmp_path / "two.onnx", seed=32)
-    env = dict(os.environ)                            # own_tuning_dir's database
     first = api.tune("x86_64", m, trials=2)
     default_times(first.database.path, 1e9)           # its records apply: the next run checks the model
-    p = subprocess.Popen([sys.executable, "-m", "bundler", "tune", "x86_64", "--model", str(m), "--trials", "2",
-                          "-q"], cwd=Path(__file__).resolve().parent.parent, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
-    def timers() -> list[str]:
-        ps = subprocess.run(["pgrep", "-s", str(p.pid), "-f", "multiprocessing.spaw[n]"], capture_output=True, text=True)
+    def timers(session: int) -> list[str]:
+        ps = subprocess.run(["pgrep", "-s", str(session), "-f", "multiprocessing.spaw[n]"], capture_output=True,
+                            text=True)
         return ps.stdout.split()
 
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and p.poll() is None and not timers():
-            time.sleep(0.01)
-        assert p.poll() is None and timers(), f"no timing process: {p.communicate()[1]}"
-        os.killpg(p.pid, signal.SIGINT)
-        _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    assert p.returncode == 130, err
+    session = []
+    code, err, _ = interrupt_tune(m, 2, lambda pid: session.append(pid) or timers(pid))
+    assert code == 130, err
     assert "Traceback" not in err and "what was measured is kept" in err, err
-    assert not timers()
+    assert not timers(session[-1])
     store = tuning.Store(first.database.path)
     assert store.by_workload() and "check" not in store.model_info(_model_id(m))
 
