@@ -3,10 +3,10 @@ config, authorized key and install root.
 
 The deploy, rollout and service tests run on devices with a real systemd (tests/devices.py).
 These plain sshd devices remain for what those cannot do: die at once at an exact point
-(tests/test_release.py's kill test: an nspawn device shuts down in steps), and tests that
-need no systemd at all (the remote benchmark of tests/test_bench.py). Each device's login
-has its own HOME inside the device root, so the deploy's agent cache
-(~/.cache/tvmbundle) never lands in the machine's own home.
+and come back with their files (tests/test_release.py's kill test: an nspawn device shuts
+down in steps, and its volatile root forgets what it held). Each device's login has its own
+HOME inside the device root, so the deploy's agent cache (~/.cache/tvmbundle) never lands in
+the machine's own home.
 
 Each sshd runs as PID 1 of its own PID namespace (``unshare --pid --fork --kill-child``),
 so killing the namespace kills the device for real: its sessions, uploads and the

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -200,51 +199,50 @@ def test_emulated_bench_is_labelled(built, tmp_path):
         assert any("not comparable" in n for n in r.notes)
 
 
-# --- on a device over SSH (tests/sshd.py) -----------------------------------------------------
-
-device = pytest.mark.skipif(not (shutil.which("sshd") and shutil.which("unshare") and os.geteuid() == 0),
-                            reason="test devices need root, openssh-server and unshare (see tests/test_release.py)")
-
+# --- on a device over SSH (tests/devices.py) --------------------------------------------------
 
 @pytest.mark.slow
-@device
 @native_x86
-def test_bench_on_a_device_uploaded_then_installed(built, tmp_path, run_cli):
+def test_bench_on_a_device_uploaded_then_installed(built, tmp_path, run_cli, devices):
+    """A booted Debian 12 device, logged into as its normal user pi (sudo only to install): a
+    bundle not installed there is uploaded to a temporary folder of pi's, run and removed; an
+    installed one runs from its current release."""
     from bundler.device.release import deploy
-    from tests.sshd import Fleet
 
-    with Fleet(tmp_path) as fleet:
-        (dev,) = fleet.add(1)
-        t = dev.target()
-        before = set(glob.glob("/tmp/tvmbundle-bench.*"))
-        # not installed: uploaded to a temporary folder on the device, run, removed
-        r = bench.bench(built["bundle"], target=t, runs=3, warmup=1, threads=1, onnx_model=built["model"])
-        assert r.mode == "ssh" and r.tvm.where == f"{t.name} (x86_64)"
-        check_latency(r.tvm, 3, 1, 1)
-        assert any("uploaded to a temporary folder" in n for n in r.notes)
-        assert set(glob.glob("/tmp/tvmbundle-bench.*")) <= before       # the device's copy is gone
-        assert not list(dev.prefix.iterdir())                           # nothing installed
-        # onnxruntime ran here, not on the device: the report says they are not comparable
-        if r.onnxruntime is not None:
-            assert r.onnxruntime.where == bench.this_machine() and not r.comparable
-            assert any("not comparable" in n for n in r.notes)
+    (dev,) = devices.add(1)
+    t = dev.target(user="pi", sudo=True)
 
-        # installed as the current release: that one runs
-        deploy(built["bundle"], t)
-        r = bench.bench(built["bundle"], target=t, runs=3, warmup=0, threads=1)
-        check_latency(r.tvm, 3, 0, 1)
-        assert any("current release" in n for n in r.notes)
+    def temp_folders() -> str:
+        return dev.sh("ls -d /tmp/tvmbundle-bench.* 2>/dev/null || true", user="pi").stdout.strip()
 
-        # the CLI, with the connection options of deploy and status
-        conn = ["--host", f"root@{dev.host}:{dev.port}", "--identity", str(dev.key), "--known-hosts",
-                str(dev.known_hosts), "--prefix", str(dev.prefix)]
-        code, out, err = run_cli("bench", str(built["bundle"]), *conn, "--runs", "2", "--json")
-        assert code == 0, err
-        data = json.loads(out)
-        assert data["mode"] == "ssh" and data["results"][0]["where"].startswith(f"root@{dev.host}:{dev.port}")
+    # not installed: uploaded to a temporary folder on the device, run, removed
+    r = bench.bench(built["bundle"], target=t, runs=3, warmup=1, threads=1, onnx_model=built["model"])
+    assert r.mode == "ssh" and r.tvm.where == f"{t.name} (x86_64)"
+    check_latency(r.tvm, 3, 1, 1)
+    assert any("uploaded to a temporary folder" in n for n in r.notes)
+    assert temp_folders() == ""                                     # the device's copy is gone
+    assert not dev.exists("/opt/tvmbundle/bundles")                 # nothing installed
+    # onnxruntime ran here, not on the device: the report says they are not comparable
+    if r.onnxruntime is not None:
+        assert r.onnxruntime.where == bench.this_machine() and not r.comparable
+        assert any("not comparable" in n for n in r.notes)
 
-        # a bundle for another CPU family is refused before anything runs there
-        if recipe.host_cpu_family() != "aarch64":
-            with pytest.raises(DeployError) as e:
-                bench.bench(foreign(built["bundle"], tmp_path / "foreign"), target=t, runs=1, warmup=0)
-            assert e.value.step == "preflight" and "the device is x86_64" in e.value.problem
+    # installed as the current release: that one runs
+    deploy(built["bundle"], t)
+    r = bench.bench(built["bundle"], target=t, runs=3, warmup=0, threads=1)
+    check_latency(r.tvm, 3, 0, 1)
+    assert any("current release" in n for n in r.notes)
+
+    # the CLI, with the connection options of deploy and status
+    conn = ["--host", f"pi@{dev.host}:{dev.port}", "--identity", str(dev.key), "--known-hosts",
+            str(dev.known_hosts)]
+    code, out, err = run_cli("bench", str(built["bundle"]), *conn, "--runs", "2", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["mode"] == "ssh" and data["results"][0]["where"].startswith(f"pi@{dev.host}:{dev.port}")
+
+    # a bundle for another CPU family is refused before anything runs there
+    if recipe.host_cpu_family() != "aarch64":
+        with pytest.raises(DeployError) as e:
+            bench.bench(foreign(built["bundle"], tmp_path / "foreign"), target=t, runs=1, warmup=0)
+        assert e.value.step == "preflight" and "the device is x86_64" in e.value.problem
