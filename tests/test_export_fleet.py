@@ -303,19 +303,20 @@ def test_rollout_update_selftest_failure_and_limit(fleet, exports, tmp_path):
 def test_two_bundles_on_one_host(device_root, tmp_path):
     """A detector and a recognizer, each its own export (and address), played onto one host: both serve,
     each from its own folder and unit, the second sends only what the shared store lacks, and playing
-    one again leaves the other's service alone."""
+    one again leaves the other's service alone. A third bundle on the recognizer's address is refused
+    by the device's own install (the check every installer runs), the other two still serving."""
     from bundler import api
     from tests.sshd import free_port
 
     root = python_root()
     with booted(root, tmp_path / "fleet", 1, own_listen=True) as (dev,):
-        trees, ids = {}, {}
-        for name, seed in (("det", 0), ("rec", 1)):
+        trees, ids, listens = {}, {}, {}
+        for name, seed in (("det", 0), ("rec", 1), ("dup", 2)):
             d = tmp_path / name
             d.mkdir()
             models.conv_net(d / f"{name}.onnx", seed=seed)
-            made = api.make("x86_64", d / f"{name}.onnx", out_dir=d / "dist", run_verify=False,
-                            listen=f"{dev.host}:{free_port(dev.host)}")
+            listens[name] = listens["rec"] if name == "dup" else f"{dev.host}:{free_port(dev.host)}"
+            made = api.make("x86_64", d / f"{name}.onnx", out_dir=d / "dist", run_verify=False, listen=listens[name])
             trees[name], ids[name] = export_mod.export(made.bundle, "ansible", d / "ansible").path, made.bundle_id
         inv = inventory([dev], tmp_path / "inventory.yml")
         for name in ("det", "rec"):
@@ -343,6 +344,13 @@ def test_two_bundles_on_one_host(device_root, tmp_path):
         assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
         assert main_pid("rec") == before and before != "0"
         assert status(dev, "rec").healthy and status(dev, "det").healthy
+
+        res = play(trees["dup"], inv)
+        assert res.returncode != 0
+        assert (f"bundle 'dup' listens on {listens['rec']}, which bundle 'rec' (tvmbundle@rec.service) already "
+                "serves on this device") in res.stdout, res.stdout[-4000:]
+        assert current(dev, "dup") is None and not dev.exists(layout.release_dir("/opt/tvmbundle", "dup", ids["dup"]))
+        assert main_pid("rec") == before and status(dev, "rec").healthy and status(dev, "det").healthy
 
 
 # --- Mender -------------------------------------------------------------------------------

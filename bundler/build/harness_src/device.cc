@@ -461,7 +461,7 @@ struct Entry {
 };
 
 struct Manifest {
-  std::string text, bundle_id, name, board, created;
+  std::string text, bundle_id, name, board, created, listen;
   std::vector<Entry> files;
 };
 
@@ -478,6 +478,7 @@ Manifest ParseManifest(const std::string& file, std::string text) {
   m.name = StrOf(doc.Find("name"));
   m.created = StrOf(doc.Find("created"));
   if (const json::Value* b = doc.Find("board"); b && b->IsObject()) m.board = StrOf(b->Find("name"));
+  if (const json::Value* v = doc.Find("service"); v && v->IsObject()) m.listen = StrOf(v->Find("listen"));
   if (!ValidId(m.bundle_id)) throw StepError("install", "manifest.json: bundle_id '" + m.bundle_id + "' is not allowed; expected letters, digits, '_' and '-'");
   const json::Value* files = doc.Find("files");
   if (!files || !files->IsArray()) throw StepError("install", "manifest.json: files is missing or not an array");
@@ -528,6 +529,47 @@ ReleaseFacts ReadReleaseFacts(const std::string& dir) {
   } catch (const std::exception&) {
   }
   return f;
+}
+
+// Whether services listening on `a` and `b` (HOST:PORT, [V6]:PORT) would collide: the same port on
+// the same address, or on a wildcard address and any other, or on two names of the loopback host.
+// (The host checks the same before it sends anything: bundler/device/release.py's _same_socket.)
+bool SameSocket(const std::string& a, const std::string& b) {
+  auto split = [](const std::string& l) {
+    size_t c = l.find_last_of(':');
+    std::string host = c == std::string::npos ? "" : l.substr(0, c), port = c == std::string::npos ? l : l.substr(c + 1);
+    if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+    return std::make_pair(host, port);
+  };
+  auto [ha, pa] = split(a);
+  auto [hb, pb] = split(b);
+  if (pa != pb) return false;
+  auto wild = [](const std::string& h) { return h.empty() || h == "0.0.0.0" || h == "::"; };
+  auto self = [](const std::string& h) { return h == "localhost" || h == "127.0.0.1" || h == "::1"; };
+  return ha == hb || wild(ha) || wild(hb) || (self(ha) && self(hb));
+}
+
+// Another bundle of the device whose current release serves on the address `m` would take: what
+// install says of it, or "" (every installer runs install: deploy, Ansible, Mender).
+std::string ListenConflict(const Prefix& px, const Manifest& m) {
+  if (m.listen.empty()) return "";
+  std::vector<std::pair<std::string, std::string>> others;   // (bundle, unit) whose current release listens there
+  for (const std::string& n : BundleNames(px)) {
+    Prefix other = px.Named(n);
+    std::string c = CurrentId(other);
+    if (n != m.name && !c.empty() && SameSocket(m.listen, ReadReleaseFacts(other.Release(c)).listen))
+      others.emplace_back(n, other.Unit());
+  }
+  // The single-service layout, beside the bundles (when installing into it, its release is this one's predecessor).
+  Prefix legacy = px.Legacy();
+  if (std::string c = px.name.empty() ? "" : CurrentId(legacy); !c.empty()) {
+    ReleaseFacts f = ReadReleaseFacts(legacy.Release(c));
+    if (f.name != m.name && SameSocket(m.listen, f.listen)) others.emplace_back(f.name, kDefaultUnit);
+  }
+  if (others.empty()) return "";
+  return "bundle '" + m.name + "' listens on " + m.listen + ", which bundle '" + others[0].first + "' (" +
+         others[0].second + ") already serves on this device; give one of them its own address "
+         "(tvmbundle make --listen HOST:PORT)";
 }
 
 // ---- signed releases: the device's own trust store ---------------------------------------------
@@ -920,6 +962,7 @@ int Install(const std::vector<std::string>& args, json::Writer& w) {
   // The name picks the folder and the unit; a release must not land in another bundle's.
   if (!px.name.empty() && m.name != px.name)
     throw StepError("install", "the release is bundle '" + m.name + "', not '" + px.name + "'; " + nothing);
+  if (std::string why = ListenConflict(px, m); !why.empty()) throw StepError("install", why + "; " + nothing);
   int from_staging = 0, from_agent = 0;
   // 1. every file into the store, checked against its SHA-256 on the way in
   for (const Entry& e : m.files) {
