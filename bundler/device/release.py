@@ -267,7 +267,9 @@ def _port_of(listen: str) -> tuple[str, str]:
 
 def _same_socket(a: str, b: str) -> bool:
     """Whether two services listening on ``a`` and ``b`` (HOST:PORT) would collide: the same port on
-    the same address, or on a wildcard address and any other."""
+    the same address, or on a wildcard address and any other. The device's `tvm-deploy install`
+    applies the same rule (harness_src/device.cc, SameSocket) for installers that run no preflight
+    here (Ansible, Mender); this one refuses before anything is sent."""
     (ha, pa), (hb, pb) = _port_of(a), _port_of(b)
     if pa != pb:
         return False
