@@ -426,6 +426,23 @@ def test_export_bad_input(run_cli, built, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_default_out_is_one_folder_per_bundle(run_cli, built, second, tmp_path, monkeypatch):
+    """Without --out each bundle's export has a folder of its own (two bundles of one device do not
+    replace each other's); an export of the same bundle again replaces its own."""
+    monkeypatch.chdir(tmp_path)
+    paths = {}
+    for tarball, manifest in (built, second):
+        for target in ("buildroot", "ansible"):
+            code, out, err = run_cli("export", target, str(tarball), "--json")
+            assert code == 0, err
+            paths[manifest["name"], target] = Path(json.loads(out)["path"])
+    assert paths == {(n, t): Path("dist") / f"{'br2' if t == 'buildroot' else t}-{n}"
+                     for n in ("tinycnn", "det") for t in ("buildroot", "ansible")}
+    assert all((tmp_path / p).is_dir() for p in paths.values())
+    code, out, err = run_cli("export", "ansible", str(second[0]), "--json")
+    assert code == 0 and Path(json.loads(out)["path"]) == paths["det", "ansible"]
+
+
 def test_json_output_is_only_json(run_cli, built, tmp_path, monkeypatch):
     """What an image build parses: stdout of --json holds one JSON document and nothing else."""
     tarball, manifest = built

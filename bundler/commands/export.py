@@ -18,9 +18,9 @@ def register(subparsers) -> None:
                                                           "what deploy does on each host) or mender (an artifact "
                                                           "and its update module)")
     s.add_argument("bundle", help="a bundle .tar.gz written by make")
-    s.add_argument("--out", metavar="DIR", help="the tree to write (default: dist/br2-tvmbundle, "
-                                                "dist/meta-tvmbundle, dist/ansible-tvmbundle or "
-                                                "dist/mender-tvmbundle); an earlier export there is replaced")
+    s.add_argument("--out", metavar="DIR", help="the tree to write (default: dist/br2-NAME, dist/meta-NAME, "
+                                                "dist/ansible-NAME or dist/mender-NAME, NAME the bundle's "
+                                                "name); an earlier export there is replaced")
     s.add_argument("--key", metavar="K", help="mender: the private key (PEM) that signs the artifact "
                                               "(mender-artifact write -k)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
