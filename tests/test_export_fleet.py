@@ -536,3 +536,17 @@ def test_mender_client_standalone_install(bundles, device_root, tmp_path):
         shutil.copyfile(next(foreign.glob("*.mender")), dev.path("/root/update.mender"))
         assert dev.sh(f"{env} mender install /root/update.mender").returncode != 0
         assert current(dev) == ids["b"]
+        # A bundle of another name on net's address (the board's default): the device's own install
+        # refuses it in ArtifactInstall, before anything is stored; net still serves.
+        from bundler import api
+
+        models.conv_net(tmp_path / "other.onnx", seed=5)
+        made = api.make("x86_64", tmp_path / "other.onnx", out_dir=tmp_path / "other", run_verify=False)
+        art = export_mod.export(made.bundle, "mender", tmp_path / "m-other", key=key).path
+        shutil.copyfile(next(art.glob("*.mender")), dev.path("/root/update.mender"))
+        inst = dev.sh(f"{env} mender install /root/update.mender")
+        assert inst.returncode != 0
+        assert "which bundle 'net' (tvmbundle@net.service) already serves on this device" in inst.stdout + inst.stderr, \
+            inst.stdout + inst.stderr
+        assert current(dev, "other") is None and not dev.exists(layout.release_dir("/opt/tvmbundle", "other", made.bundle_id))
+        assert current(dev) == ids["b"] and serving(dev, bundles["b"], wait=10)
