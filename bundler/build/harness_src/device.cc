@@ -552,24 +552,24 @@ bool SameSocket(const std::string& a, const std::string& b) {
 // Another bundle of the device whose current release serves on the address `m` would take: what
 // install says of it, or "" (every installer runs install: deploy, Ansible, Mender).
 std::string ListenConflict(const Prefix& px, const Manifest& m) {
+  auto taken = [&](const std::string& other, const std::string& unit) {
+    return "bundle '" + m.name + "' listens on " + m.listen + ", which bundle '" + other + "' (" + unit +
+           ") already serves on this device; give one of them its own address (tvmbundle make --listen HOST:PORT)";
+  };
   if (m.listen.empty()) return "";
-  std::vector<std::pair<std::string, std::string>> others;   // (bundle, unit) whose current release listens there
   for (const std::string& n : BundleNames(px)) {
     Prefix other = px.Named(n);
     std::string c = CurrentId(other);
     if (n != m.name && !c.empty() && SameSocket(m.listen, ReadReleaseFacts(other.Release(c)).listen))
-      others.emplace_back(n, other.Unit());
+      return taken(n, other.Unit());
   }
   // The single-service layout, beside the bundles (when installing into it, its release is this one's predecessor).
   Prefix legacy = px.Legacy();
   if (std::string c = px.name.empty() ? "" : CurrentId(legacy); !c.empty()) {
     ReleaseFacts f = ReadReleaseFacts(legacy.Release(c));
-    if (f.name != m.name && SameSocket(m.listen, f.listen)) others.emplace_back(f.name, kDefaultUnit);
+    if (f.name != m.name && SameSocket(m.listen, f.listen)) return taken(f.name, kDefaultUnit);
   }
-  if (others.empty()) return "";
-  return "bundle '" + m.name + "' listens on " + m.listen + ", which bundle '" + others[0].first + "' (" +
-         others[0].second + ") already serves on this device; give one of them its own address "
-         "(tvmbundle make --listen HOST:PORT)";
+  return "";
 }
 
 // ---- signed releases: the device's own trust store ---------------------------------------------
