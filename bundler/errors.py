@@ -106,3 +106,10 @@ def one_of(choices: Iterable[str]) -> str:
 
 # The exit codes, one place for every command: a user error carries its own (2).
 EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_INTERRUPT = 0, 1, 2, 130
+
+
+def last_line(e: BaseException, limit: int | None = None) -> str:
+    """The last line of an error from a library (TVM's and ONNX's put their message there, below
+    their own tracebacks), or its type's name when it says nothing; at most ``limit`` characters."""
+    text = str(e).strip()
+    return (text.splitlines()[-1] if text else type(e).__name__)[:limit]

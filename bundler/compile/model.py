@@ -15,7 +15,7 @@ from bundler.compile.pipeline import board_target, pipeline
 from bundler.compile.pipeline import identity as pipeline_identity
 from bundler.compile.prepared import Prepared, TensorSpec
 from bundler.config.recipe import Recipe, display_path
-from bundler.errors import ModelError, RecipeError
+from bundler.errors import ModelError, RecipeError, last_line
 
 log = logging.getLogger("tvmbundle")
 
@@ -43,7 +43,7 @@ def to_relax(prepared: Prepared, source: Path):
     try:
         return from_onnx(prepared.load(), keep_params_in_input=False)
     except Exception as e:
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        last = last_line(e)
         raise ModelError(f"{source}: TVM cannot import the model: {last}") from None
 
 

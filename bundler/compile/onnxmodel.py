@@ -53,7 +53,7 @@ import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from bundler.compile.signature import TensorSpec
-from bundler.errors import ModelError, did_you_mean
+from bundler.errors import ModelError, did_you_mean, last_line
 
 #: A folded result with more elements than this stays a computation in the graph, unless it
 #: is no larger (in bytes) than the constant inputs it replaces.
@@ -104,7 +104,7 @@ def _read(path: Path) -> tuple[bytes, onnx.ModelProto]:
     try:
         model = onnx.load_model_from_string(data)
     except Exception as e:  # protobuf's DecodeError and friends
-        raise ModelError(f"{path}: not an ONNX model (it does not parse as one: {_last_line(e)})") from None
+        raise ModelError(f"{path}: not an ONNX model (it does not parse as one: {last_line(e, 300)})") from None
     if not data or model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         what = "the file is empty" if not data else "it has no IR version, opset or graph"
         raise ModelError(f"{path}: not an ONNX model ({what})")
@@ -117,13 +117,8 @@ def _read(path: Path) -> tuple[bytes, onnx.ModelProto]:
             load_external_data_for_model(model, str(path.parent))
         except Exception as e:
             raise ModelError(f"{path}: cannot load the model's external data (beside the file): "
-                             f"{_last_line(e)}") from None
+                             f"{last_line(e, 300)}") from None
     return data, model
-
-
-def _last_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[-1] if text else type(e).__name__)[:300]
 
 
 # --- prepare ------------------------------------------------------------------------------
@@ -148,7 +143,7 @@ def _inline(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     try:
         return onnx.inliner.inline_local_functions(model)
     except Exception as e:
-        raise ModelError(f"{path}: cannot inline the model's local functions: {_last_line(e)}") from None
+        raise ModelError(f"{path}: cannot inline the model's local functions: {last_line(e, 300)}") from None
 
 
 def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
@@ -294,7 +289,7 @@ def _infer(model: onnx.ModelProto, path: Path) -> str:
     try:
         inferred = onnx.shape_inference.infer_shapes(skel, check_type=True, strict_mode=True, data_prop=True)
     except Exception as e:
-        strict_error = _last_line(e)
+        strict_error = last_line(e, 300)
         # Declared output dims may be what strict inference tripped over: let inference say.
         for out in sg.output:
             if out.type.HasField("tensor_type") and out.type.tensor_type.HasField("shape"):
@@ -305,7 +300,7 @@ def _infer(model: onnx.ModelProto, path: Path) -> str:
                                                          data_prop=True)
         except Exception as e2:
             raise ModelError(f"{path}: ONNX shape inference fails on the model with the input shapes fixed: "
-                             f"{_last_line(e2)}") from None
+                             f"{last_line(e2, 300)}") from None
     del g.value_info[:]
     g.value_info.extend(inferred.graph.value_info)
     del g.output[:]

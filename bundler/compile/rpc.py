@@ -29,7 +29,7 @@ from typing import Any
 from bundler import cache
 from bundler.build import harness, runtime, toolchain
 from bundler.config.recipe import Recipe
-from bundler.errors import UserError
+from bundler.errors import UserError, last_line
 from bundler.proc import which
 
 log = logging.getLogger("tvmbundle")
@@ -151,7 +151,7 @@ def connect(endpoint: Endpoint, timeout: int = 60):
             return tvm_rpc.connect_tracker(endpoint.host, endpoint.port).request(endpoint.key, session_timeout=timeout)
         return tvm_rpc.connect(endpoint.host, endpoint.port, key=endpoint.key, session_timeout=timeout)
     except Exception as e:  # noqa: BLE001 -- TVM's RPC errors: said with where it tried
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        last = last_line(e)
         raise UserError(f"cannot reach the RPC server ({endpoint.describe()}): {last}") from None
 
 

@@ -63,7 +63,7 @@ from bundler.compile.model import to_relax
 from bundler.compile.pipeline import board_target, lower_for_tuning
 from bundler.compile.pipeline import identity as pipeline_identity
 from bundler.config.recipe import Recipe
-from bundler.errors import ModelError, UserError
+from bundler.errors import ModelError, UserError, last_line
 
 log = logging.getLogger("tvmbundle")
 
@@ -842,7 +842,7 @@ def _tune(session, recipe, prepared, model_id, source, versions, trials, runner,
     except KeyboardInterrupt:        # a second Ctrl-C: stop now, still keeping what was committed
         session.stop = "interrupted"
     except Exception as e:  # noqa: BLE001 -- TVM's own error types: reported with the model's name
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        last = last_line(e)
         raise ModelError(f"{source}: tuning for {recipe.name} failed: {last}") from None
     finally:
         loop.close()

@@ -32,7 +32,7 @@ from bundler.compile import rpc, tuning
 from bundler.compile.model import compile_for_board, make_inputs
 from bundler.compile.pipeline import identity as pipeline_identity
 from bundler.config.recipe import Recipe
-from bundler.errors import UserError
+from bundler.errors import UserError, last_line
 
 log = logging.getLogger("tvmbundle")
 
@@ -101,7 +101,7 @@ def check(recipe: Recipe, prepared, model_id: str, source: Path, versions: dict[
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 -- TVM's RPC errors, raised again in this process
-                last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                last = last_line(e)
                 raise UserError(f"{source.name}: timing the whole model ({where}) failed: {last}",
                                 hint="the tuning measured so far is kept, unchecked (make applies all of it); "
                                      "run the same tune again to check it") from None
