@@ -21,6 +21,11 @@ else (the unit, ``DynamicUser``, the hardening, ``systemctl``) is the real thing
 A device made with ``own_listen=True`` has neither: its bundles are built to listen on its
 address (``make --listen``), each on a port of its own, as several bundles of one device are.
 
+A device made with ``persistent=True`` boots a copy of the root of its own instead of the volatile
+overlay, so what it wrote survives it: ``kill()`` cuts its power (SIGKILL to its init, which kills
+every process of its PID namespace at once: sessions, an upload's receiver, the service) and
+``start()`` boots it again with its disk as the cut left it.
+
 Each nspawn runs in its own cgroup (see shared/README.md), is stopped with SIGTERM
 and its cgroups and ``/run/systemd/nspawn/propagate/NAME`` are removed afterwards.
 """
@@ -146,6 +151,7 @@ class Device:
     port: int = 0
     service_port: int = 0
     own_listen: bool = False      # no listen drop-ins: the bundles' own addresses (several bundles)
+    persistent: bool = False      # a root of its own on disk, kept across kill() and start()
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -235,6 +241,11 @@ class Device:
             "MaxStartups 100", "LogLevel ERROR", ""]))
         self.serve_from(self.prefix_default)
         self.trust()
+        if self.persistent and self.root == ROOT_DIR:
+            own = self.base / "root"
+            subprocess.run(["cp", "-a", str(ROOT_DIR), str(own)], check=True)   # about 260 MB, a few seconds
+            own.chmod(0o755)    # the built root is a mkdtemp (0700): no user could log in to a copy of it
+            self.root = own
 
     def serve_from(self, prefix: str) -> None:
         """Point the listen drop-ins at the releases under ``prefix`` (rewritten in place: they are bound)."""
@@ -259,7 +270,8 @@ class Device:
     def start(self, timeout: float = 180.0) -> Device:   # several booting at once on 2 loaded cores
         self.cleanup_cgroups()
         argv = ["systemd-nspawn", "-q", "-D", str(self.root), "-b", "--register=no", "--keep-unit",
-                "--console=pipe", "-M", self.name, f"--hostname={self.name}", "--volatile=overlay",
+                "--console=pipe", "-M", self.name, f"--hostname={self.name}",
+                *([] if self.persistent else ["--volatile=overlay"]),
                 f"--bind-ro={self.base / 'sshd.conf'}:/etc/ssh/sshd_config.d/test.conf",
                 f"--bind-ro={self.base / 'keys'}:/etc/ssh/test_keys",
                 *([] if self.own_listen else [
@@ -286,6 +298,15 @@ class Device:
         tail = (self.base / "console.log").read_text(errors="replace")[-3000:]
         self.stop()
         raise RuntimeError(f"device {self.name} did not boot to sshd within {timeout:g} s: {tail}")
+
+    def kill(self) -> None:
+        """Cut the power: SIGKILL to the device's init ends its whole PID namespace at once, with no
+        shutdown (a namespace's init cannot catch it; the host's kernel delivers it)."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.leader(), signal.SIGKILL)
+            self.proc.wait(timeout=30)           # nspawn follows its init
+        self.proc = None
+        self.cleanup_cgroups()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -321,11 +342,12 @@ class Devices:
         self.devices: list[Device] = []
         self.first_index = first_index
 
-    def add(self, n: int = 1, own_listen: bool = False) -> list[Device]:
+    def add(self, n: int = 1, own_listen: bool = False, persistent: bool = False) -> list[Device]:
         new = []
         for _ in range(n):
             i = self.first_index + len(self.devices)
-            d = Device(i, self.base / f"device{i}", self.key, self.known_hosts, own_listen=own_listen)
+            d = Device(i, self.base / f"device{i}", self.key, self.known_hosts, own_listen=own_listen,
+                       persistent=persistent)
             d.configure()
             self.devices.append(d)
             new.append(d)

@@ -1,12 +1,12 @@
 """Test devices: real sshd processes on loopback addresses, each with its own host key,
 config, authorized key and install root.
 
-The deploy, rollout and service tests run on devices with a real systemd (tests/devices.py).
-These plain sshd devices remain for what those cannot do: die at once at an exact point
-and come back with their files (tests/test_release.py's kill test: an nspawn device shuts
-down in steps, and its volatile root forgets what it held). Each device's login has its own
-HOME inside the device root, so the deploy's agent cache (~/.cache/tvmbundle) never lands in
-the machine's own home.
+Every test runs on devices with a real systemd (tests/devices.py); this module gives them
+``free_port`` and ``client_key``. The plain sshd devices (``Fleet``) remain for scripts/bench-rollout
+alone: it starts 50 devices at once to measure what a rollout costs the controller, which nspawn
+devices (a booted systemd each) would make a measurement of two loaded cores instead. Each device's
+login has its own HOME inside the device root, so the deploy's agent cache (~/.cache/tvmbundle) never
+lands in the machine's own home.
 
 Each sshd runs as PID 1 of its own PID namespace (``unshare --pid --fork --kill-child``),
 so killing the namespace kills the device for real: its sessions, uploads and the

@@ -4,14 +4,12 @@ by systemd-nspawn, sshd on loopback), logging in as ``pi`` with ``--sudo`` or as
 The service is the real `tvm-deploy serve` of the x86_64 bundles, run by the device's systemd from the
 hardened unit (``DynamicUser``); the device side of each step is `tvm-deploy survey/prepare/install/
 activate` of the bundle's own harness. Every fault test ends with the previous release current and serving.
-Only the test that kills a device mid-upload keeps the plain sshd devices of tests/sshd.py (it says why).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -30,7 +28,6 @@ from bundler.package import bundle as bundle_mod
 from bundler.package.manifest import Manifest
 from tests import bundletools, models
 from tests.bundletools import perturb_expected, repack
-from tests.sshd import Fleet
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="test devices need root (systemd-nspawn, sshd logins)"),
               pytest.mark.slow]     # every test boots devices and deploys to them
@@ -370,38 +367,30 @@ def test_cli_deploy_status_rollback_with_sudo(devices, bundles, run_cli):
     assert code == 2 and "connect: unknown host key" in err
 
 
-# --- a device that vanishes mid-transfer -------------------------------------------------------------
-# Kept on the plain sshd devices of tests/sshd.py with their systemctl TEST DOUBLE, for a reason: the
-# device must die at once, sessions, transfer and service together, at an exact point of the upload.
-# An sshd that is PID 1 of its own PID namespace does so on one SIGKILL; an nspawn device shuts down
-# in steps (and cleanly, which is not the fault under test).
+# --- a device that loses power mid-transfer ----------------------------------------------------------
+# A persistent device (a root of its own on disk) whose init is SIGKILLed from the host at an exact point
+# of the upload: sessions, the receiving `tvm-deploy` and the service die at once, with no shutdown, as on
+# a board whose power is cut. It boots again from the disk as the cut left it.
 
-@pytest.mark.skipif(not (shutil.which("sshd") and shutil.which("unshare")), reason="needs openssh-server and unshare")
-def test_sshd_killed_mid_upload_then_redeploy_finishes(tmp_path, bundles):
-    with Fleet(tmp_path) as fleet:
-        (dev,) = fleet.add(1)
-        deploy(bundles["a"], dev.target())
+def test_device_killed_mid_upload_boots_into_its_release_and_redeploy_resumes(devices, bundles):
+    (dev,) = devices.add(1, persistent=True)
+    deploy(bundles["a"], pi(dev))
 
-        def kill_after_first_file(event: str, detail: str) -> None:
-            if event == "uploaded":
-                dev.kill()
+    def cut_power_after_first_file(event: str, detail: str) -> None:
+        if event == "uploaded":
+            dev.kill()
 
-        with pytest.raises(DeployError) as e:
-            deploy(bundles["b"], dev.target(), hook=kill_after_first_file, step_timeout=20)
-        assert e.value.step == "upload"
-        # the device comes back: its previous release is still current, and it serves once restarted
-        dev.start()
-        link = dev.prefix / "bundles" / "net" / "current"
-        assert link.readlink().name == manifest(bundles["a"])["bundle_id"]
-        assert dev.systemctl("restart", "tvmbundle@net.service") == 0
-        c = Client(dev.service_url, timeout=5)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not c.healthy():
-            time.sleep(0.2)
-        assert c.info()["bundle_id"] == manifest(bundles["a"])["bundle_id"]
-        done = deploy(bundles["b"], dev.target())
-        assert done.uploaded_bytes < sum(f["size"] for f in manifest(bundles["b"])["files"])
-        assert Client(dev.service_url, timeout=5).info()["bundle_id"] == manifest(bundles["b"])["bundle_id"]
+    with pytest.raises(DeployError) as e:
+        deploy(bundles["b"], pi(dev), hook=cut_power_after_first_file, step_timeout=20)
+    assert e.value.step == "upload"
+    # it boots into its previous release, and its own systemd starts the service: nobody logs in to fix it
+    dev.start()
+    assert dev.current_id() == manifest(bundles["a"])["bundle_id"]
+    assert serving(dev, bundles["a"], wait=60)
+    # the redeploy keeps what reached the device's disk before the cut
+    done = deploy(bundles["b"], pi(dev))
+    assert done.uploaded_bytes < sum(f["size"] for f in manifest(bundles["b"])["files"])
+    assert serving(dev, bundles["b"])
 
 
 def test_device_commands_answer_in_json(devices, bundles):
