@@ -216,7 +216,7 @@ def _answer(r: Remote, cmd: str, step: str, res) -> dict[str, Any]:
 def _bootstrap_script(prefix: str, agent_id: str, files: list[FileEntry], survey: list[str]) -> str:
     """Run the agent's survey; without an agent, build it from the store when the files are there,
     else print the few facts the host needs to decide whether sending it is worth anything."""
-    store = f"{q(prefix)}/store/sha256"
+    store = q(layout.store_dir(prefix))
     have = " && ".join(f"[ -f {store}/{q(f.sha256)} ]" for f in files)
     build = " && ".join(
         ['rm -rf "$A.new"', 'mkdir -p "$A.new/bin" "$A.new/lib"']
@@ -463,12 +463,12 @@ def _deploy_on(r: Remote, top: Path, manifest: Manifest, target: Target, slot: S
     with step("upload") as s:
         # The agent's files reach the store from the agent folder (install --from): not sent twice.
         _upload(r, top, prefix, {k: v for k, v in missing.items() if k not in agent_shas}, result, hook)
-        staged_manifest = f"{prefix}/staging/{bid}.manifest.json"
-        staged_unit = f"{prefix}/staging/{bid}.{unit}"
+        staged_manifest = f"{layout.staging_dir(prefix)}/{bid}.manifest.json"
+        staged_unit = f"{layout.staging_dir(prefix)}/{bid}.{unit}"
         r.write_text((top / MANIFEST).read_text(), staged_manifest, "upload")   # its own bytes: a signature holds
         r.write_text(render_unit(manifest, prefix), staged_unit, "upload")
         for old_id, text in adopt.items():
-            r.write_text(text, f"{prefix}/staging/{old_id}.{unit}", "upload")
+            r.write_text(text, f"{layout.staging_dir(prefix)}/{old_id}.{unit}", "upload")
         sig_args: list[str] = []
         if (top / signing.SIGNATURE).is_file():
             if facts.get("trust") is None:
@@ -515,7 +515,7 @@ def _send_agent(r: Remote, top: Path, prefix: str, facts: dict[str, Any], agent_
     home = facts["home"]
     if not home.startswith("/"):
         raise DeployError(r.target.name, "preflight", f"the login user has no usable home folder ({home!r})")
-    store = f"{q(prefix)}/store/sha256"
+    store = q(layout.store_dir(prefix))
     parts, copies = [], []
     for f in agent_files:
         if f.sha256 in facts["have"]:
@@ -527,7 +527,7 @@ def _send_agent(r: Remote, top: Path, prefix: str, facts: dict[str, Any], agent_
         parts.append((f, part))
         if hook:
             hook("uploaded", f.path)
-    checks = [(f, part) for f, part in parts] + [(f, f"{prefix}/store/sha256/{f.sha256}") for f in copies]
+    checks = [(f, part) for f, part in parts] + [(f, f"{layout.store_dir(prefix)}/{f.sha256}") for f in copies]
     sums = " ".join(q(f"{f.sha256}  {path}") for f, path in checks)
     script = "; ".join([
         f"A={AGENT_HOME}{q(agent_id)}",
@@ -549,7 +549,7 @@ def _send_agent(r: Remote, top: Path, prefix: str, facts: dict[str, Any], agent_
 
 def _upload(r: Remote, top: Path, prefix: str, missing: dict[str, FileEntry], result: DeployResult,
             hook: Hook | None) -> None:
-    staging = f"{prefix}/staging"
+    staging = layout.staging_dir(prefix)
     try:
         for sha, f in sorted(missing.items(), key=lambda kv: kv[1].path):
             r.put(top / f.path, f"{staging}/{sha}.part", "upload", timeout=max(r.step_timeout, f.size / 1e6))
@@ -566,7 +566,7 @@ def _clean_staging(r: Remote, prefix: str) -> None:
     transport = r.conn.client.get_transport() if r.conn is not None else None
     if transport is not None and transport.is_active():
         try:
-            staging = q(prefix + "/staging")
+            staging = q(layout.staging_dir(prefix))
             r.sh(f"rm -f {staging}/*.part {staging}/*.manifest.json {staging}/*.manifest.json.sig {staging}/*.service",
                  "upload", check=False)
         except DeployError:

@@ -102,8 +102,8 @@ TASKS = """\
 - name: Preflight | paths
   ansible.builtin.set_fact:
     _tvmbundle_agent: "{{ ansible_facts.user_dir }}/.cache/tvmbundle/agent/{{ tvmbundle_agent_id }}"
-    _tvmbundle_store: "{{ tvmbundle_prefix }}/store/sha256"
-    _tvmbundle_staging: "{{ tvmbundle_prefix }}/staging"
+    _tvmbundle_store: "@STORE@"
+    _tvmbundle_staging: "@STAGING@"
     _tvmbundle_releases: "@RELEASES@"
     _tvmbundle_env: "{{ {'TVM_DEPLOY_LISTEN': tvmbundle_probe_listen} if tvmbundle_probe_listen | length > 0 else {} }}"
 
@@ -312,7 +312,10 @@ TASKS = """\
     status_code: 200
   when: tvmbundle_health_url | length > 0
 """
-TASKS = TASKS.replace("@RELEASES@", layout.releases_dir("{{ tvmbundle_prefix }}", "{{ tvmbundle_name }}"))
+for _key, _value in (("@RELEASES@", layout.releases_dir("{{ tvmbundle_prefix }}", "{{ tvmbundle_name }}")),
+                     ("@STORE@", layout.store_dir("{{ tvmbundle_prefix }}")),
+                     ("@STAGING@", layout.staging_dir("{{ tvmbundle_prefix }}"))):
+    TASKS = TASKS.replace(_key, _value)
 
 DEFAULTS = """\
 ---

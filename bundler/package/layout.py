@@ -33,6 +33,16 @@ def unit_name(name: str) -> str:
     return f"tvmbundle@{name}.service"
 
 
+def store_dir(prefix: str) -> str:
+    """Every file of every release, by its SHA-256 (``store_dir(prefix)/<hex>``)."""
+    return f"{prefix.rstrip('/')}/store/sha256"
+
+
+def staging_dir(prefix: str) -> str:
+    """Uploads in progress (``<sha256>.part``), and the manifest and unit of the release being installed."""
+    return f"{prefix.rstrip('/')}/staging"
+
+
 def bundle_dir(prefix: str, name: str) -> str:
     return f"{prefix.rstrip('/')}/bundles/{name}"
 
