@@ -29,7 +29,7 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.relax.frontend.onnx import from_onnx
 
-from bundler.compile import schedules
+from bundler.compile import lowering, schedules
 from bundler.compile.deconv import non_overlapping_deconv
 from bundler.compile.schedules.cpu import describe
 
@@ -225,7 +225,7 @@ def build(model: onnx.ModelProto, target: dict, schedule_pass=None):
         with t:
             return tvm.transform.Sequential(cpu_pipeline.dataflow_lower_passes(t) + cpu_pipeline.finalize_passes(t))(m)
 
-    return tvm.compile(mod, target=t, relax_pipeline=rest), mod
+    return tvm.compile(mod, target=t, relax_pipeline=rest, tir_pipeline=lowering.register()), mod
 
 
 def inputs_for(model: onnx.ModelProto, seed=0) -> dict[str, np.ndarray]:
@@ -425,7 +425,7 @@ def test_every_rule_cross_compiles_for_the_board(board, tmp_path):
                 kernels[f"{case}_{gv.name_hint}".replace("-", "_")] = f
     assert {"Conv2D", "Matmul", "WindowReduction", "Reduction", "Elementwise", "Fallback"} <= rules_seen
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in kernels.items()})
-    lib = tvm.compile(mod, target=tvm.target.Target(target))
+    lib = tvm.compile(mod, target=tvm.target.Target(target), tir_pipeline=lowering.register())
     so = tmp_path / "kernels.so"
     lib.export_library(str(so), fcompile=cc.cross_compiler(cxx))
     header = subprocess.run(["readelf", "-h", str(so)], capture_output=True, text=True, check=True).stdout
@@ -433,6 +433,13 @@ def test_every_rule_cross_compiles_for_the_board(board, tmp_path):
     if lanes == 1:
         # No vector unit (rv64gc): loops stay scalar, still parallel.
         assert "T.vectorized" not in "".join(f.script() for f in kernels.values())
+    else:
+        # The stride-2 depthwise pixels load as contiguous vectors and shuffles (uzp/vuzp on NEON).
+        t = tvm.target.Target(target)
+        dw = {n: mod[n] for n in kernels if n.startswith("depthwise_stride2")}
+        lowered = tvm.tirx.get_tir_pipeline(lowering.register())[0](
+            tvm.tirx.transform.BindTarget(t.with_host(t))(tvm.IRModule(dw)))
+        assert "T.Shuffle" in "".join(f.script() for _, f in lowered.functions_items())
     assert "T.parallel" in "".join(f.script() for f in kernels.values())
 
 
@@ -455,6 +462,7 @@ def _edge_model(path: Path) -> Path:
              _w(rng, "wg", (24, 3, 3, 3)), _w(rng, "bg", (24,), 0.5),          # groups 4
              _w(rng, "wd", (24, 1, 3, 3)), _w(rng, "bd", (24,), 0.5),          # depthwise, dilation 2
              _w(rng, "wp", (40, 24, 1, 1)), _w(rng, "bp", (40,), 0.5),         # pointwise
+             _w(rng, "ws", (40, 1, 3, 3)), _w(rng, "bs", (40,), 0.5),          # depthwise, stride 2
              _w(rng, "wh", (1, 40, 3, 3)), _w(rng, "bh", (1,), 0.5),           # one-channel head
              _w(rng, "fc", (40, 19)), _w(rng, "fcb", (19,), 0.5),
              f32("lo", 0.0), f32("hi", 6.0)]
@@ -464,7 +472,9 @@ def _edge_model(path: Path) -> Path:
         n("Conv", ["r1", "wd", "bd"], ["c2"], pads=[2, 2, 2, 2], dilations=[2, 2], group=24),
         n("Conv", ["c2", "wp", "bp"], ["c3"]), n("Relu", ["c3"], ["r3"]),
         n("MaxPool", ["r3"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
-        n("Conv", ["p", "wh", "bh"], ["h"], pads=[1, 1, 1, 1]), n("Sigmoid", ["h"], ["heat"]),
+        n("Conv", ["r3", "ws", "bs"], ["s"], pads=[1, 1, 1, 1], strides=[2, 2], group=40),
+        n("Clip", ["s", "lo", "hi"], ["rs"]), n("Add", ["p", "rs"], ["ps"]),
+        n("Conv", ["ps", "wh", "bh"], ["h"], pads=[1, 1, 1, 1]), n("Sigmoid", ["h"], ["heat"]),
         n("GlobalAveragePool", ["r3"], ["g"]), n("Flatten", ["g"], ["f"]),
         n("MatMul", ["f", "fc"], ["mm"]), n("Add", ["mm", "fcb"], ["logits"]),
         n("Softmax", ["logits"], ["probs"], axis=-1),
@@ -652,19 +662,22 @@ def _window_vectorized(mod, fragment: str) -> bool:
                for names in _blocks_under(mod, fragment, tvm.tirx.ForKind.VECTORIZED))
 
 
-@pytest.mark.parametrize("case, strided", [("depthwise", False), ("depthwise-stride2", True),
-                                           ("maxpool-3x3-stride2-pad", True)])
-def test_strided_windows_are_left_to_llvm_to_vectorize(case, strided):
-    """A stride-2 window's pixels are unrolled, not vectorized by TVM (which would load every
-    other input pixel lane by lane); the vector_strided knob vectorizes them. Stride 1 is vectorized."""
+@pytest.mark.parametrize("case, vectorized, knob", [("depthwise", True, None),
+                                                    ("depthwise-stride2", True, "unroll_strided"),
+                                                    ("maxpool-3x3-stride2-pad", False, "vector_strided")])
+def test_strided_windows_are_vectorized_where_the_shuffles_pay(case, vectorized, knob):
+    """A depthwise convolution's stride-2 pixels are vectorized: their loads of every other input
+    pixel become a contiguous load and a shuffle (bundler.compile.lowering). A stride-2 pool's are
+    unrolled for LLVM's SLP vectorizer, which was faster there. A knob (strided windows only) gives
+    the other choice; stride 1 is always vectorized."""
     (_c, factory, kernel, _rule), = [c for c in CASES if c[0] == case]
     model = factory()
     t = tvm.target.Target(TARGETS["native"])
     (key, (rule_name, space)), = _knob_spaces(model, t).items()
     _t, mod = lower(model, TARGETS["native"])
-    assert _window_vectorized(mod, kernel) is not strided
-    assert ("vector_strided" in space) is strided
-    if strided:
-        tuned = {key: {"rule": rule_name, "knobs": {"vector_strided": 1}}}
+    assert _window_vectorized(mod, kernel) is vectorized
+    assert {"unroll_strided", "vector_strided"} & set(space) == ({knob} if knob else set())
+    if knob:
+        tuned = {key: {"rule": rule_name, "knobs": {knob: 1}}}
         _t, mod = lower(model, TARGETS["native"], schedules.default_schedule_pass(t, tuned))
-        assert _window_vectorized(mod, kernel)
+        assert _window_vectorized(mod, kernel) is not vectorized

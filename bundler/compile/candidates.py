@@ -1,5 +1,6 @@
 """What tuning's builder processes run: kept free of the rest of tvmbundle, so a worker imports
-only TVM (and this module) and keeps working while tvmbundle itself is being edited or upgraded.
+only TVM (and this module and bundler.compile.lowering, which import nothing else) and keeps
+working while tvmbundle itself is being edited or upgraded.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ def build(f_export, mod, target) -> str:
     from tvm.s_tir.meta_schedule.builder.local_builder import default_export
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
+    from bundler.compile import lowering
+
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return (f_export or default_export)(tvm_build(mod, target=target))
+    return (f_export or default_export)(tvm_build(mod, target=target, pipeline=lowering.register()))
 
 
 def cross_export(cxx: str, options: list[str], mod) -> str:

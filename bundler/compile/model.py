@@ -67,13 +67,16 @@ def compile_for_board(prepared: Prepared, model_id: str, source: Path, recipe: R
 
     def build(tmp: Path) -> dict[str, Any]:
         tvm, _ = _tvm()
+        from bundler.compile import lowering  # imports TVM
+
         mod = to_relax(prepared, source)
         target_for(recipe)  # names the recipe when TVM rejects its target
         target = tvm.target.Target(board_target(recipe))
         try:
             ex = tvm.compile(mod, target=target,
                              relax_pipeline=pipeline(target, applied.path if applied else None,
-                                                     applied.knobs if applied else None))
+                                                     applied.knobs if applied else None),
+                             tir_pipeline=lowering.register())
         except Exception as e:
             raise ModelError(f"{source}: TVM failed to compile the model for {recipe.name}: "
                              f"{str(e).strip().splitlines()[-1]}") from None

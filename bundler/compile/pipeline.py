@@ -35,7 +35,7 @@ def identity() -> str:
     other default schedules, they say nothing about these). Hashed once per process, so that
     sources edited while it runs cannot make its own timings look stale."""
     here = Path(__file__).parent
-    files = [here / "pipeline.py", here / "deconv.py", here / "relaxfuncs.py", *sorted((here / "schedules").glob("*.py"))]
+    files = [here / "pipeline.py", here / "lowering.py", here / "deconv.py", here / "relaxfuncs.py", *sorted((here / "schedules").glob("*.py"))]
     return cache.key(*(cache.sha256_file(f) for f in files))
 
 

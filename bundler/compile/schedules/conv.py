@@ -335,12 +335,14 @@ class Conv2D(CPURule):
         if at is not None:
             sch.reverse_compute_at(consumer, at, preserve_unit_loops=True)
         if xi is not None:
-            if lanes > 1 and t > 1 and (not strided or knobs.pick("vector_strided", 0, (0, 1))):
+            # Strided pixels in vectors too: their loads of every other input pixel become a
+            # contiguous load and a shuffle (bundler.compile.lowering). MobileNetV2's stride-2
+            # depthwise layers, 2 threads, against unrolled pixels left to LLVM's SLP vectorizer
+            # (the knob unroll_strided): 181 against 208 us at 96x112x112, 54 against 65 at
+            # 144x56x56, 22 against 28 at 192x28x28, 18 against 25 at 576x14x14.
+            if lanes > 1 and t > 1 and not (strided and knobs.pick("unroll_strided", 0, (0, 1))):
                 sch.vectorize(xi)
             else:
-                # Strided pixels unrolled instead: TVM's vectors would load every other input
-                # pixel one lane at a time, LLVM's SLP vectorizer loads contiguous vectors and
-                # shuffles them (MobileNetV2's stride-2 depthwise layers: 1.3-1.4x faster).
                 sch.unroll(xi)
         # Unrolled from the inside out while the copies stay within the budget.
         budget = UNROLL_BUDGET
