@@ -425,6 +425,18 @@ def test_budget_follows_each_kernels_share():
     assert sum(tuning.allocate(64, [float(i) for i in range(1, 63)])) == 64
 
 
+def test_the_whole_model_check_keeps_the_tuning_through_noise():
+    """A less tuned variant replaces a more tuned one only when it is faster by more than the margin."""
+    from bundler.compile.verdict import MARGIN, choose
+
+    three = ["tuned", "knobs", "defaults"]
+    assert choose(three, {"tuned": 1.67, "knobs": 1.68, "defaults": 1.66}) == "tuned"    # a tie: noise
+    assert choose(three, {"tuned": 2.00, "knobs": 1.90, "defaults": 1.89}) == "knobs"    # 5% faster; 0.5% more is noise
+    assert choose(three, {"tuned": 2.00, "knobs": 1.95, "defaults": 1.80}) == "defaults"
+    assert choose(["tuned", "defaults"], {"tuned": 1.0, "defaults": 1.0 - MARGIN * 1.01}) == "defaults"
+    assert choose(["tuned", "defaults"], {"tuned": 1.0, "defaults": 1.0 - MARGIN * 0.99}) == "tuned"
+
+
 _SLOW_MARK = "TVMBUNDLE_TEST_SLOW_EXPORT"
 
 
