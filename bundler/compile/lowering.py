@@ -6,8 +6,8 @@ index; a vector load of every other element (a stride-2 depthwise convolution or
 output pixels are in the vector lanes) it emits lane by lane, one scalar load and one insert per
 lane. Loading the contiguous span from the first lane's element to the last lane's and keeping
 every other element gives LLVM a shuffle it lowers to the target's deinterleave (``vpermt2ps`` on
-AVX-512, ``uzp1`` on aarch64, ``vuzp`` on NEON). The span holds only elements between two the
-strided load reads, so nothing outside what the kernel read before is touched.
+AVX-512, ``uzp1`` on aarch64, ``vuzp`` on NEON). The span ends at the last element the strided
+load reads, so nothing past what the kernel read before is touched.
 
 Registered as a named TIR pipeline (TVM's own extension point: ``tvm.compile(tir_pipeline=NAME)``,
 ``tvm.tirx.build(pipeline=NAME)``). This module imports only TVM: tuning's builder workers
