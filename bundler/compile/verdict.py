@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
-import signal
+import os
+import pickle
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,18 +96,15 @@ def check(recipe: Recipe, prepared, model_id: str, source: Path, versions: dict[
             endpoint = stack.enter_context(rpc.local_server(recipe))
         # The session lives in a process of its own, as MetaSchedule's runner's do: with --host its
         # bytes go through the SSH tunnel's threads in this process, and a call blocked in TVM's
-        # RPC client here starved them (the VM never loaded). The worker ignores Ctrl-C (no
-        # traceback of its own) and leaving the pool kills it (Ctrl-C stops the check at once).
-        with _worker() as pool:
-            try:
-                ms, rounds = pool.apply(_time, (endpoint, {c: str(p) for c, p in libs.items()}, inputs, deadline))
-            except UserError:
-                raise
-            except Exception as e:  # noqa: BLE001 -- TVM's RPC errors, raised again in this process
-                last = last_line(e)
-                raise UserError(f"{source.name}: timing the whole model ({where}) failed: {last}",
-                                hint="the tuning measured so far is kept, unchecked (make applies all of it); "
-                                     "run the same tune again to check it") from None
+        # RPC client here starved them (the VM never loaded).
+        timed = _timed_apart((endpoint, {c: str(p) for c, p in libs.items()}, inputs, deadline))
+        if isinstance(timed, UserError):
+            raise timed
+        if isinstance(timed, str):
+            raise UserError(f"{source.name}: timing the whole model ({where}) failed: {timed}",
+                            hint="the tuning measured so far is kept, unchecked (make applies all of it); "
+                                 "run the same tune again to check it")
+        ms, rounds = timed
     if not rounds:
         return None
     choice = choose(variants, ms)
@@ -133,15 +132,47 @@ def choose(variants: list[str], ms: dict[str, float]) -> str:
     return choice
 
 
-def _worker():
-    """A pool of one spawned process that ignores Ctrl-C from its very start: SIGINT is ignored
-    here while it is spawned, and an ignored SIGINT is inherited and kept by Python's startup (an
-    initializer would leave its imports open to a Ctrl-C and their traceback)."""
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _timed_apart(args) -> tuple[dict[str, float], int] | UserError | str:
+    """:func:`_time` in a child process of a process group of its own: its result, a UserError it
+    raised, or the last line of another error.
+
+    Its own process group keeps a terminal's Ctrl-C away from it: the Ctrl-C reaches this process
+    alone, which then kills the child (the check stops at once, and no traceback comes from the
+    child). A multiprocessing worker had to be spawned with SIGINT ignored here, so that it started
+    ignoring it; a Ctrl-C in that moment was lost, and the check went on against the RPC server
+    the same Ctrl-C had stopped (exit 2, "cannot reach the RPC server", instead of 130)."""
+    here = str(Path(__file__).resolve().parents[2])        # this tvmbundle, whatever sys.path holds
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    child = subprocess.Popen([sys.executable, "-c", "from bundler.compile.verdict import _child; _child()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, process_group=0)
     try:
-        return multiprocessing.get_context("spawn").Pool(1)
+        out, _ = child.communicate(pickle.dumps(args))
     finally:
-        signal.signal(signal.SIGINT, before)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    if not out:
+        return f"the timing process ended with exit code {child.returncode} and no result"
+    kind, *value = pickle.loads(out)
+    if kind == "ok":
+        return value[0]
+    return UserError(value[0], hint=value[1]) if kind == "user" else value[0]
+
+
+def _child() -> None:
+    """The timing process: arguments from stdin, the answer on stdout (pickled); what TVM prints
+    goes to stderr, so the answer is all that stdout carries."""
+    answer = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    args = pickle.load(sys.stdin.buffer)
+    try:
+        reply: tuple = ("ok", _time(*args))
+    except UserError as e:
+        reply = ("user", e.message, e.hint)
+    except Exception as e:  # noqa: BLE001 -- TVM's RPC errors, named by the parent with the model
+        reply = ("error", last_line(e))
+    answer.write(pickle.dumps(reply))
+    answer.close()
 
 
 def _past(deadline: float | None) -> bool:
