@@ -29,10 +29,11 @@ def strided_copy(stride: int, offset: int = 3):
     return tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), size
 
 
-def lowered(mod) -> str:
-    t = tvm.target.Target(HOST)
+def lowered(mod, target: dict = HOST) -> str:
+    """The module's functions as the pipeline leaves them, before code generation (TVMScript)."""
+    t = tvm.target.Target(target)
     lower = tvm.tirx.get_tir_pipeline(lowering.register())[0]
-    return lower(tirx.transform.BindTarget(t.with_host(t))(mod))["main"].script()
+    return "".join(f.script() for _, f in lower(tirx.transform.BindTarget(t.with_host(t))(mod)).functions_items())
 
 
 def run(mod, size: int) -> np.ndarray:

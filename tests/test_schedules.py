@@ -435,11 +435,10 @@ def test_every_rule_cross_compiles_for_the_board(board, tmp_path):
         assert "T.vectorized" not in "".join(f.script() for f in kernels.values())
     else:
         # The stride-2 depthwise pixels load as contiguous vectors and shuffles (uzp/vuzp on NEON).
-        t = tvm.target.Target(target)
+        from tests.test_lowering import lowered
+
         dw = {n: mod[n] for n in kernels if n.startswith("depthwise_stride2")}
-        lowered = tvm.tirx.get_tir_pipeline(lowering.register())[0](
-            tvm.tirx.transform.BindTarget(t.with_host(t))(tvm.IRModule(dw)))
-        assert "T.Shuffle" in "".join(f.script() for _, f in lowered.functions_items())
+        assert "T.Shuffle" in lowered(tvm.IRModule(dw), target)
     assert "T.parallel" in "".join(f.script() for f in kernels.values())
 
 

@@ -463,12 +463,13 @@ def _deploy_on(r: Remote, top: Path, manifest: Manifest, target: Target, slot: S
     with step("upload") as s:
         # The agent's files reach the store from the agent folder (install --from): not sent twice.
         _upload(r, top, prefix, {k: v for k, v in missing.items() if k not in agent_shas}, result, hook)
-        staged_manifest = f"{layout.staging_dir(prefix)}/{bid}.manifest.json"
-        staged_unit = f"{layout.staging_dir(prefix)}/{bid}.{unit}"
+        staging = layout.staging_dir(prefix)
+        staged_manifest = f"{staging}/{bid}.manifest.json"
+        staged_unit = f"{staging}/{bid}.{unit}"
         r.write_text((top / MANIFEST).read_text(), staged_manifest, "upload")   # its own bytes: a signature holds
         r.write_text(render_unit(manifest, prefix), staged_unit, "upload")
         for old_id, text in adopt.items():
-            r.write_text(text, f"{layout.staging_dir(prefix)}/{old_id}.{unit}", "upload")
+            r.write_text(text, f"{staging}/{old_id}.{unit}", "upload")
         sig_args: list[str] = []
         if (top / signing.SIGNATURE).is_file():
             if facts.get("trust") is None:

@@ -312,10 +312,18 @@ TASKS = """\
     status_code: 200
   when: tvmbundle_health_url | length > 0
 """
-for _key, _value in (("@RELEASES@", layout.releases_dir("{{ tvmbundle_prefix }}", "{{ tvmbundle_name }}")),
-                     ("@STORE@", layout.store_dir("{{ tvmbundle_prefix }}")),
-                     ("@STAGING@", layout.staging_dir("{{ tvmbundle_prefix }}"))):
-    TASKS = TASKS.replace(_key, _value)
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    """The device paths from bundler.package.layout put into a template's @KEY@ places."""
+    for key, value in values.items():
+        template = template.replace(key, value)
+    return template
+
+
+TASKS = _fill(TASKS, {"@RELEASES@": layout.releases_dir("{{ tvmbundle_prefix }}", "{{ tvmbundle_name }}"),
+                      "@STORE@": layout.store_dir("{{ tvmbundle_prefix }}"),
+                      "@STAGING@": layout.staging_dir("{{ tvmbundle_prefix }}")})
 
 DEFAULTS = """\
 ---
@@ -553,9 +561,9 @@ case "$STATE" in
 esac
 exit 0
 """
-for _key, _value in (("@RELEASES@", layout.releases_dir("$PREFIX", "$NAME")), ("@CURRENT@", layout.current("$PREFIX", "$NAME")),
-                     ("@UNIT@", layout.unit_name("$NAME")), ("@MENDER_UNIT@", MENDER_UNIT)):
-    MENDER_MODULE = MENDER_MODULE.replace(_key, _value)
+MENDER_MODULE = _fill(MENDER_MODULE, {"@RELEASES@": layout.releases_dir("$PREFIX", "$NAME"),
+                                      "@CURRENT@": layout.current("$PREFIX", "$NAME"),
+                                      "@UNIT@": layout.unit_name("$NAME"), "@MENDER_UNIT@": MENDER_UNIT})
 
 
 def write_mender(root: Path, bundle: Path, info, key: Path | None) -> None:
