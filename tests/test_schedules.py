@@ -169,6 +169,8 @@ CASES = [
     ("depthwise-5x5-7x7map", lambda: conv(c=40, hw=7, oc=40, k=5, pad=2, groups=40), "conv2d", "Conv2D"),
     ("pointwise", lambda: conv(c=24, hw=16, oc=40, k=1, pad=0, epilogue="residual"), "conv2d", "Conv2D"),
     ("pointwise-odd-map", lambda: conv(c=24, hw=9, oc=40, k=1, pad=0), "conv2d", "Conv2D"),
+    # 7x7: no pixel tile of whole vectors divides it; rows and columns fused into one pixel axis
+    ("pointwise-7x7-batch2-residual", lambda: conv(n=2, c=20, hw=7, oc=32, k=1, pad=0, epilogue="residual"), "conv2d", "Conv2D"),
     ("pointwise-stride2", lambda: conv(c=16, hw=14, oc=32, k=1, pad=0, stride=2, epilogue="none"), "conv2d", "Conv2D"),
     ("conv-one-channel-head", lambda: conv(c=16, hw=12, oc=1, epilogue="sigmoid"), "conv2d", None),
     # kernel == stride: rewritten to a 1x1 convolution and a depth-to-space shuffle (compile/deconv.py)
