@@ -199,6 +199,11 @@ def test_export_is_reproducible_and_lints(bundles, tmp_path):
     assert "'/releases/'" not in tasks and "/current" not in tasks
     variables = (role / "vars/main.yml").read_text()
     assert f'tvmbundle_name: "{NAME}"' in variables and f'tvmbundle_unit: "{layout.unit_name(NAME)}"' in variables
+    # ansible-playbook run in the export's folder reads its ansible.cfg: pipelining on
+    config = subprocess.run([str(VENV_BIN / "ansible-config"), "dump", "--only-changed", "-t", "all"], cwd=a.path, capture_output=True,
+                            text=True, env={**os.environ, "ANSIBLE_HOME": str(tmp_path / "ah"), "ANSIBLE_NOCOLOR": "1"},
+                            timeout=120, check=True).stdout
+    assert re.search(r"^pipelining\(.*ansible\.cfg\) = True$", config, re.MULTILINE), config
     unit = (role / "templates/tvmbundle.service.j2").read_text()
     assert "ExecStart={% endraw %}{{ tvmbundle_prefix }}{% raw %}/bundles/net/current/bin/tvm-deploy serve" in unit
     if LINT is None:
