@@ -208,9 +208,6 @@ class Conv2D(CPURule):
         block, consumer = split_epilogue(sch, infos, k)
         if fuse_pixels is not None:
             OH = as_int(sch.get(loops["y"]).extent)
-            if w_index is not None:
-                pack_weights(sch, block, w_index, lambda o, i, h, w: (o // nr, i, h, w, o % nr))
-                w_index = None
             sch.transform_layout(block, ("write", 0), lambda b, c, h, w: (b, c // nr, h * OW + w, c % nr))
             _fuse_pixels(sch, block, list(fuse_pixels), OW)
             _fuse_pixels(sch, consumer, None, OW)
