@@ -74,6 +74,18 @@ def _fuse_pixels(sch, block, yx_vars, width: int) -> None:
     sch.transform_block_layout(block, IndexMap.from_func(f, ndim=len(ivs)))
 
 
+def _one_pixel_axis(sch, block, consumer, yx_vars, width: int, accumulator):
+    """A 1x1 stride-1 convolution's rows and columns as one pixel axis ``y * width + x``, in its
+    main block, the accumulator that block writes (``accumulator``: (n, c, pixel) -> its index)
+    and the epilogue ``consumer``. Returns the main block's loops: batch (None when normalization
+    dropped it), output channels, pixels, input channels."""
+    sch.transform_layout(block, ("write", 0), lambda n, c, h, w: accumulator(n, c, h * width + w))
+    _fuse_pixels(sch, block, list(yx_vars), width)
+    _fuse_pixels(sch, consumer, None, width)
+    loops = sch.get_loops(block)
+    return loops if len(loops) == 4 else (None, *loops)
+
+
 def _pad_apart(sch, pads, cpu: CPU) -> None:
     """Padding as a parallel stage of its own, before the convolution."""
     for b in pads:
@@ -208,11 +220,8 @@ class Conv2D(CPURule):
         block, consumer = split_epilogue(sch, infos, k)
         if fuse_pixels is not None:
             OH = as_int(sch.get(loops["y"]).extent)
-            sch.transform_layout(block, ("write", 0), lambda b, c, h, w: (b, c // nr, h * OW + w, c % nr))
-            _fuse_pixels(sch, block, list(fuse_pixels), OW)
-            _fuse_pixels(sch, consumer, None, OW)
-            *n, f, p, rc = sch.get_loops(block)
-            loops = {"f": f, "x": p, "rc": rc, **({"n": n[0]} if n else {})}
+            n, f, p, rc = _one_pixel_axis(sch, block, consumer, fuse_pixels, OW, lambda b, c, q: (b, c // nr, q, c % nr))
+            loops = {"f": f, "x": p, "rc": rc, **({"n": n} if n is not None else {})}
             OW = OH * OW
         OH = as_int(sch.get(loops["y"]).extent) if "y" in loops else 1
         pad_rows = knobs.pick("pad_rows", 0, [d for d in range(1, 9) if OH % d == 0]) if pads and "y" in loops else 0
@@ -272,11 +281,8 @@ class Conv2D(CPURule):
         channels per tile broadcasting their weights. Rows and columns are fused into one pixel
         axis first, so a 7x7 or 14x14 map still fills whole vectors."""
         block, consumer = split_epilogue(sch, infos, k)
-        sch.transform_layout(block, ("write", 0), lambda n, c, h, w: (n, c, h * OW + w))
-        _fuse_pixels(sch, block, [role["y"].var, role["x"].var], OW)
-        _fuse_pixels(sch, consumer, None, OW)
-        loops = sch.get_loops(block)
-        *outer, f, p, rc = loops if len(loops) == 4 else (None, *loops)
+        *outer, f, p, rc = _one_pixel_axis(sch, block, consumer, (role["y"].var, role["x"].var), OW,
+                                           lambda n, c, q: (n, c, q))
         t = register_tile(OH * OW, lanes)
         t = knobs.pick("pixels", t, [x for x in (lanes // 2, lanes, 2 * lanes, 4 * lanes)
                                      if x >= 4 and (OH * OW) % x == 0 and pixel_tile_max(cpu, x, lanes) >= 2])
