@@ -190,6 +190,10 @@ CASES = [
      "pool", "WindowReduction"),
     ("avgpool-2x2", lambda: single("AveragePool", (2, 5, 10, 10), kernel_shape=[2, 2], strides=[2, 2]), "pool", "WindowReduction"),
     ("global-avgpool", lambda: single("GlobalAveragePool", (2, 40, 7, 7)), "mean", "Reduction"),
+    ("global-avgpool-28x28", lambda: single("GlobalAveragePool", (1, 24, 28, 28)), "mean", "Reduction"),
+    ("reduce-sum-last-axis", lambda: single("ReduceSum", (2, 6, 50), inits=[_i64("ax", [-1])], extra_inputs=["ax"], keepdims=0),
+     "sum", "Reduction"),
+    ("reduce-max-prime-row", lambda: single("ReduceMax", (3, 37), axes=[-1], keepdims=0), "max", "Reduction"),
     ("softmax", lambda: single("Softmax", (2, 5, 37), axis=-1), "softmax", "Reduction"),
     ("layernorm", lambda: layer_norm((3, 10, 48)), "layer_norm", "Reduction"),
     ("reduce-sum-middle-axis", lambda: single("ReduceSum", (4, 30, 6), inits=[_i64("ax", [1])], extra_inputs=["ax"], keepdims=0),
@@ -661,6 +665,17 @@ def _window_vectorized(mod, fragment: str) -> bool:
     """Whether the kernel's window (its reduction's update block) sits in a vectorized loop."""
     return any(any(n.endswith("_update") for n in names)
                for names in _blocks_under(mod, fragment, tvm.tirx.ForKind.VECTORIZED))
+
+
+@pytest.mark.parametrize("case, vectorized", [("global-avgpool", True), ("global-avgpool-28x28", True),
+                                              ("reduce-sum-last-axis", True),
+                                              ("reduce-max-prime-row", False)])  # no divisor of 37 to split it by
+def test_contiguous_rows_are_reduced_in_vectors(case, vectorized):
+    """A reduction over its input's contiguous end (a global pool's H x W) adds each row into a
+    vector of partial sums first, instead of one chain of scalar additions."""
+    (_c, factory, kernel, _rule), = [c for c in CASES if c[0] == case]
+    _t, mod = lower(factory(), TARGETS["native"])
+    assert _window_vectorized(mod, kernel) is vectorized
 
 
 @pytest.mark.parametrize("case, vectorized, knob", [("depthwise", True, None),
