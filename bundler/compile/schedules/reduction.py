@@ -45,12 +45,11 @@ class WindowReduction(CPURule):
     indexes the innermost dimension of every input."""
 
     def schedule(self, func, target, cpu: CPU, knobs: Knobs):
-        found = one_reduction(func)
+        found = _the_reduction(func)
         if found is None:
             return None
-        sch, infos, k = found
+        sch, infos, k, kinds = found
         info = infos[k]
-        kinds = info.dom_kind()
         if "O" in kinds or "R" not in kinds or "S" not in kinds or any(as_int(i.dom) is None for i in info.iters):
             return None
         stmt = sch.get(info.block_rv)
@@ -113,6 +112,16 @@ class WindowReduction(CPURule):
         vectorize_if_not(sch, init, lanes)
         tile_writeback(sch, consumer, xo, lanes)
         return sch
+
+
+def _the_reduction(func):
+    """:func:`one_reduction`'s (schedule, blocks, index of the reduction), and the reduction's
+    iterator kinds ("SSR"); None when the kernel has not exactly one reduction."""
+    found = one_reduction(func)
+    if found is None:
+        return None
+    sch, infos, k = found
+    return sch, infos, k, infos[k].dom_kind()
 
 
 def _leading_spatial(kinds: str) -> int:
@@ -193,12 +202,11 @@ def _vector_rows(func, cpu: CPU):
     chain is bound by the latency of one addition per element: MobileNetV3's squeeze-excite
     means of 120x28x28 took 73 us against onnxruntime's 10, 2 threads. The sum is reassociated,
     as onnxruntime's and every vectorized one is. None when the kernel is not of this kind."""
-    found = one_reduction(func)
+    found = _the_reduction(func)
     if found is None:
         return None
-    sch, infos, k = found
+    sch, infos, k, kinds = found
     info = infos[k]
-    kinds = info.dom_kind()
     lead = _leading_spatial(kinds)
     if k != 0 or lead == 0 or kinds[lead:] != "R" * (len(kinds) - lead) or any(as_int(i.dom) is None for i in info.iters):
         return None
