@@ -195,6 +195,7 @@ CASES = [
      "sum", "Reduction"),
     ("reduce-max-prime-row", lambda: single("ReduceMax", (3, 37), axes=[-1], keepdims=0), "max", "Reduction"),
     ("softmax", lambda: single("Softmax", (2, 5, 37), axis=-1), "softmax", "Reduction"),
+    ("softmax-rows-of-48", lambda: single("Softmax", (2, 3, 5, 48), axis=-1), "softmax", "Reduction"),
     ("layernorm", lambda: layer_norm((3, 10, 48)), "layer_norm", "Reduction"),
     ("reduce-sum-middle-axis", lambda: single("ReduceSum", (4, 30, 6), inits=[_i64("ax", [1])], extra_inputs=["ax"], keepdims=0),
      "sum", None),
@@ -668,11 +669,12 @@ def _window_vectorized(mod, fragment: str) -> bool:
 
 
 @pytest.mark.parametrize("case, vectorized", [("global-avgpool", True), ("global-avgpool-28x28", True),
-                                              ("reduce-sum-last-axis", True),
-                                              ("reduce-max-prime-row", False)])  # no divisor of 37 to split it by
+                                              ("reduce-sum-last-axis", True), ("softmax-rows-of-48", True),
+                                              ("reduce-max-prime-row", False),  # no divisor of 37 to split it by
+                                              ("softmax", False)])
 def test_contiguous_rows_are_reduced_in_vectors(case, vectorized):
-    """A reduction over its input's contiguous end (a global pool's H x W) adds each row into a
-    vector of partial sums first, instead of one chain of scalar additions."""
+    """A reduction over its input's contiguous end (a global pool's H x W, softmax's max and sum)
+    adds each row into a vector of partial sums first, instead of one chain of scalar additions."""
     (_c, factory, kernel, _rule), = [c for c in CASES if c[0] == case]
     _t, mod = lower(factory(), TARGETS["native"])
     assert _window_vectorized(mod, kernel) is vectorized

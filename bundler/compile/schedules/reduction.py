@@ -23,6 +23,7 @@ from .base import (
     column_stride,
     compute_stages_at,
     divisor_tile,
+    dtype_bits,
     is_var,
     log,
     one_reduction,
@@ -45,11 +46,12 @@ class WindowReduction(CPURule):
     indexes the innermost dimension of every input."""
 
     def schedule(self, func, target, cpu: CPU, knobs: Knobs):
-        found = _the_reduction(func)
+        found = one_reduction(func)
         if found is None:
             return None
-        sch, infos, k, kinds = found
+        sch, infos, k = found
         info = infos[k]
+        kinds = info.dom_kind()
         if "O" in kinds or "R" not in kinds or "S" not in kinds or any(as_int(i.dom) is None for i in info.iters):
             return None
         stmt = sch.get(info.block_rv)
@@ -114,16 +116,6 @@ class WindowReduction(CPURule):
         return sch
 
 
-def _the_reduction(func):
-    """:func:`one_reduction`'s (schedule, blocks, index of the reduction), and the reduction's
-    iterator kinds ("SSR"); None when the kernel has not exactly one reduction."""
-    found = one_reduction(func)
-    if found is None:
-        return None
-    sch, infos, k = found
-    return sch, infos, k, infos[k].dom_kind()
-
-
 def _leading_spatial(kinds: str) -> int:
     return len(kinds) - len(kinds.lstrip("S"))
 
@@ -134,7 +126,7 @@ class Reduction(CPURule):
 
     def schedule(self, func, target, cpu: CPU, knobs: Knobs):
         try:
-            sch = _vector_rows(func, cpu)
+            sch = _vector_reductions(func, cpu)
         except Exception as e:  # noqa: BLE001 -- rfactor refused this reduction: the scalar rows below
             log.debug("Reduction: no vector partial sums: %s", str(e).strip().splitlines()[:1])
             sch = None
@@ -195,52 +187,76 @@ def _partial_sums(R: int, lanes: int) -> int:
     return best
 
 
-def _vector_rows(func, cpu: CPU):
-    """One reduction over the contiguous end of its input (a global average pool's H x W, a sum
-    or max over the last axis), with elementwise blocks after it: each row reduced into a vector
-    of partial sums (rfactor), which are then added up, instead of one scalar chain. The scalar
-    chain is bound by the latency of one addition per element: MobileNetV3's squeeze-excite
-    means of 120x28x28 took 73 us against onnxruntime's 10, 2 threads. The sum is reassociated,
-    as onnxruntime's and every vectorized one is. None when the kernel is not of this kind."""
-    found = _the_reduction(func)
-    if found is None:
-        return None
-    sch, infos, k, kinds = found
-    info = infos[k]
-    lead = _leading_spatial(kinds)
-    if k != 0 or lead == 0 or kinds[lead:] != "R" * (len(kinds) - lead) or any(as_int(i.dom) is None for i in info.iters):
-        return None
-    block = info.block_rv
-    stmt = sch.get(block)
-    reads = [r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)] if len(stmt.writes) == 1 else []
+def _row_split(sch, info, lead: int, lanes: int) -> int:
+    """For a reduction block over the contiguous end of its one input (the reduced axes are the
+    input's last ones, whole and in order), the partial sums to split its row into; else 0."""
+    stmt = sch.get(info.block_rv)
+    if len(stmt.writes) != 1 or info.dom_kind()[lead:] != "R" * (len(info.iters) - lead):
+        return 0
+    reads = [r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)]
     if len(reads) != 1:
-        return None
-    # The reduced axes are the input's last ones, whole and in order: the row is contiguous.
+        return 0
     red = info.iters[lead:]
     mins = region_mins(reads[0])
     shape = [as_int(d) for d in reads[0].source.shape]
     if len(mins) < len(red) or not all(is_var(m, r.var) for m, r in zip(mins[-len(red):], red)) \
             or shape[-len(red):] != [as_int(r.dom) for r in red]:
+        return 0
+    return _partial_sums(product(as_int(r.dom) for r in red), lanes)
+
+
+def _vector_reductions(func, cpu: CPU):
+    """Rows reduced into vectors of partial sums: every reduction over the contiguous end of its
+    input (a global average pool's H x W, softmax's max and sum over the last axis) is split by
+    a divisor of the row and rfactored, its vector of partial sums added up after; all blocks are
+    then computed row by row under one parallel loop, as the scalar path below does. A scalar
+    reduction is bound by the latency of one addition per element: MobileNetV3's squeeze-excite
+    means of 120x28x28 took 73 us against onnxruntime's 10, the encoder's softmax 141 against 22
+    (2 threads). The sum is reassociated, as onnxruntime's and every vectorized one is. None when
+    no reduction of the kernel is of this kind."""
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if not infos or any("O" in b.dom_kind() for b in infos) or any(as_int(i.dom) is None for b in infos for i in b.iters):
         return None
-    R = product(as_int(r.dom) for r in red)
-    lanes = cpu.lanes(stmt.writes[0].source.dtype.bits)
-    t = _partial_sums(R, lanes) if lanes > 1 else 0
-    if not t:
+    lead = min(_leading_spatial(b.dom_kind()) for b in infos)
+    dom0 = [as_int(d) for d in infos[-1].dom()[:lead]]
+    if lead == 0 or any([as_int(d) for d in b.dom()[:lead]] != dom0 for b in infos):
         return None
-    r = sch.fuse(*[i.loop_rv for i in red]) if len(red) > 1 else red[0].loop_rv
-    _ro, ri = sch.split(r, [None, t])
-    rf = sch.rfactor(ri, factor_axis=len(stmt.writes[0].region))
-    loops = sch.get_loops(rf)
-    rows = product(as_int(i.dom) for i in info.iters[:lead])
-    fused = parallelize(sch, loops[:lead], cpu, work=rows * R)
-    sch.set_scope(rf, 0, "local")
-    sch.vectorize(sch.get_loops(rf)[-1])
-    sch.reverse_compute_at(block, fused, preserve_unit_loops=True)
-    for b in infos[k + 1:]:
-        sch.reverse_compute_at(b.block_rv, fused, preserve_unit_loops=True)
-        vectorize_inner(sch, b.block_rv, lanes)
-    init = sch.decompose_reduction(rf, sch.get_loops(rf)[-2])
-    vectorize_if_not(sch, init, lanes)
+    lanes = cpu.lanes(dtype_bits(sch, infos[-1].block_rv))
+    order, rfs = [], []
+    for b in infos:
+        t = 0 if b.is_injective() or lanes <= 1 else _row_split(sch, b, lead, lanes)
+        if t:
+            red = [i.loop_rv for i in b.iters[lead:]]
+            _ro, ri = sch.split(sch.fuse(*red) if len(red) > 1 else red[0], [None, t])
+            rf = sch.rfactor(ri, factor_axis=len(sch.get(b.block_rv).writes[0].region))
+            order.append(rf)
+            rfs.append(rf)
+        order.append(b.block_rv)
+    if not rfs:
+        return None
+    rows = product(dom0)
+    work = rows * max(product(as_int(d) for d in b.dom()) // rows for b in infos)
+    fused = parallelize(sch, sch.get_loops(order[-1])[:lead], cpu, work=work)
+    for blk in reversed(order[:-1]):
+        sch.compute_at(blk, fused, preserve_unit_loops=True)
+    for rf in rfs:
+        # compute_at made the rf block's loops in the order of its iterators: the partial sums'
+        # axis first, the reduction over the row's chunks last. The chunks go outside, the
+        # partial sums into vector lanes (of a buffer local to the row: registers).
+        iv = sch.get(rf).iter_vars
+        if iv[0].iter_type != tirx.IterVar.DataPar or iv[-1].iter_type != tirx.IterVar.CommReduce:
+            raise ValueError("rfactor's block is not (partial sums, ..., chunks)")
+        below = sch.get_loops(rf)[1:]     # under the fused row loop
+        ri, ro = below[0], below[-1]
+        sch.reorder(ro, ri)
+        sch.set_scope(rf, 0, "local")
+        sch.vectorize(ri)
+        init = sch.decompose_reduction(rf, ro)
+        vectorize_if_not(sch, init, lanes)
+    for b in infos:
+        if b.is_injective() and len(sch.get_loops(b.block_rv)) > 1:   # loops of its own under the row
+            vectorize_inner(sch, b.block_rv, lanes)
     return sch
 
 
