@@ -31,6 +31,7 @@ from tvm.relax.frontend.onnx import from_onnx
 
 from bundler.compile import lowering, schedules
 from bundler.compile.deconv import non_overlapping_deconv
+from bundler.compile.fastmath import fast_math
 from bundler.compile.schedules.cpu import describe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -210,7 +211,7 @@ CASES = [
 def _pre_passes():
     """What make runs before scheduling (bundler/compile/pipeline.py's _pre_tuning_passes)."""
     t = relax.transform
-    return [non_overlapping_deconv, t.DecomposeOpsForInference(), t.CanonicalizeBindings(), relax.backend.DispatchSampling(),
+    return [non_overlapping_deconv, fast_math, t.DecomposeOpsForInference(), t.CanonicalizeBindings(), relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(), t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant(),
             t.FuseOps(), t.FuseTIR()]
 
