@@ -197,6 +197,8 @@ CASES = [
     ("reduce-max-prime-row", lambda: single("ReduceMax", (3, 37), axes=[-1], keepdims=0), "max", "Reduction"),
     ("softmax", lambda: single("Softmax", (2, 5, 37), axis=-1), "softmax", "Reduction"),
     ("softmax-rows-of-48", lambda: single("Softmax", (2, 3, 5, 48), axis=-1), "softmax", "Reduction"),
+    # over channels (a segmentation head's classes): rows that are not contiguous
+    ("softmax-over-channels", lambda: single("Softmax", (2, 19, 5, 6), axis=1), "softmax", None),
     ("layernorm", lambda: layer_norm((3, 10, 48)), "layer_norm", "Reduction"),
     ("reduce-sum-middle-axis", lambda: single("ReduceSum", (4, 30, 6), inits=[_i64("ax", [1])], extra_inputs=["ax"], keepdims=0),
      "sum", None),
