@@ -2,7 +2,7 @@
 
 Legalized as they are, these call libm's ``expf`` (``tanhf``, ``erff``) once per element: LLVM
 has no vector exp for the CPU targets, so a vectorized loop of them is scalar calls lane by
-lane. The encoder's softmax (4x128x128) took 159 us that way against 44 with topi's
+lane. The encoder's softmax (4x128x128) took 131 us that way against 42 with topi's
 ``fast_softmax``, a detector's sigmoid head (320x320) was onnxruntime's 35 us times five. topi's
 ``fast_exp``, ``fast_tanh`` and ``fast_erf`` (what Relay's FastMath pass used) are range
 reduction plus a polynomial, within 4e-6 of exp's value (4e-7 for tanh and erf) over float32's

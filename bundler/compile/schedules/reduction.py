@@ -7,8 +7,9 @@ sum, max, argmax...).
 * :class:`Reduction`: kernels of one or more reduction blocks and elementwise blocks that share
   their leading spatial axes (softmax is max, exp, sum, divide; layer norm is two sums and a
   normalization): parallel over those axes, every block computed per row under them, so a row
-  stays in cache between its passes; the elementwise passes vectorized. The reductions
-  themselves stay scalar: vectorizing one would reassociate floating-point sums.
+  stays in cache between its passes; the elementwise passes vectorized. A reduction over the
+  contiguous end of its input first adds its row into a vector of partial sums (reassociating
+  the sum, as onnxruntime does); any other stays scalar.
 """
 
 from __future__ import annotations
