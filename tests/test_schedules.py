@@ -29,9 +29,8 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.relax.frontend.onnx import from_onnx
 
-from bundler.compile import lowering, schedules
+from bundler.compile import lowering, pipeline, schedules
 from bundler.compile.deconv import non_overlapping_deconv
-from bundler.compile.fastmath import fast_math
 from bundler.compile.schedules.cpu import describe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -211,11 +210,8 @@ CASES = [
 # --- compiling ------------------------------------------------------------------------------
 
 def _pre_passes():
-    """What make runs before scheduling (bundler/compile/pipeline.py's _pre_tuning_passes)."""
-    t = relax.transform
-    return [non_overlapping_deconv, fast_math, t.DecomposeOpsForInference(), t.CanonicalizeBindings(), relax.backend.DispatchSampling(),
-            relax.backend.DispatchSortScan(), t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant(),
-            t.FuseOps(), t.FuseTIR()]
+    """What make runs before scheduling: the pipeline's own list, so the two cannot drift."""
+    return pipeline._pre_tuning_passes()
 
 
 def lower(model: onnx.ModelProto, target: dict, schedule_pass=None):
