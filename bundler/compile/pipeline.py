@@ -35,7 +35,7 @@ def identity() -> str:
     other default schedules, they say nothing about these). Hashed once per process, so that
     sources edited while it runs cannot make its own timings look stale."""
     here = Path(__file__).parent
-    files = [here / "pipeline.py", here / "lowering.py", here / "deconv.py", here / "fastmath.py", here / "relaxfuncs.py", *sorted((here / "schedules").glob("*.py"))]
+    files = [here / "pipeline.py", here / "lowering.py", here / "deconv.py", here / "fastmath.py", here / "channelblocks.py", here / "relaxfuncs.py", *sorted((here / "schedules").glob("*.py"))]
     return cache.key(*(cache.sha256_file(f) for f in files))
 
 
@@ -44,13 +44,14 @@ def _pre_tuning_passes():
     is applied to. Tuning and compiling must run exactly these, or no workload would match."""
     from tvm import relax
 
+    from bundler.compile.channelblocks import channel_blocks
     from bundler.compile.deconv import non_overlapping_deconv
     from bundler.compile.fastmath import fast_math
 
     t = relax.transform
     return [non_overlapping_deconv, fast_math, t.DecomposeOpsForInference(), t.CanonicalizeBindings(), relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(), t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant(),
-            t.FuseOps(), t.FuseTIR()]
+            t.FuseOps(), t.FuseTIR(), channel_blocks]
 
 
 def lower_for_tuning(mod, target):

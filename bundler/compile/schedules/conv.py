@@ -23,6 +23,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.ir.expr import TensorLoad  # what a TIR buffer load is in TVM 0.27
 from tvm.tirx import IndexMap
+from tvm.tirx.analysis import undefined_vars
 
 from .base import (
     UNROLL_BUDGET,
@@ -38,6 +39,7 @@ from .base import (
     pack_weights,
     parallelize,
     param_index,
+    product,
     pixel_tile_max,
     region_mins,
     register_tile,
@@ -58,7 +60,7 @@ def _fuse_pixels(sch, block, yx_vars, width: int) -> None:
     ivs = [iv.var for iv in stmt.iter_vars]
     if yx_vars is None:
         mins = region_mins(stmt.writes[0])
-        yx_vars = [mins[-2], mins[-1]]
+        yx_vars = [mins[2], mins[3]] if len(mins) == 5 else [mins[-2], mins[-1]]
     iy = next(i for i, v in enumerate(ivs) if v.same_as(yx_vars[0]))
     ix = next(i for i, v in enumerate(ivs) if v.same_as(yx_vars[1]))
 
@@ -84,6 +86,33 @@ def _one_pixel_axis(sch, block, consumer, yx_vars, width: int, accumulator):
     _fuse_pixels(sch, consumer, None, width)
     loops = sch.get_loops(block)
     return loops if len(loops) == 4 else (None, *loops)
+
+
+def channel_block(region) -> int | None:
+    """c, when ``region`` is an access to a tensor in channel blocks ``[N, C/c, H, W, c]``
+    (:mod:`bundler.compile.channelblocks`); else None."""
+    if len(region.region) != 5:
+        return None
+    return as_int(region.source.shape[4])
+
+
+def _channel_var(region):
+    """The block iterator of the channel an access to a channel-blocked tensor indexes."""
+    (v,) = list(undefined_vars(region.region[4].min))
+    return v
+
+
+def _blocks_innermost(sch, block, var, c: int) -> None:
+    """Make an injective ``block`` iterate its channel iterator ``var`` as ``var // c`` in its place
+    and ``var % c`` innermost: the order of a channel-blocked tensor's memory, so that its innermost
+    loop is contiguous there."""
+    ivs = [iv.var for iv in sch.get(block).iter_vars]
+    k = next(i for i, v in enumerate(ivs) if v.same_as(var))
+
+    def f(*v):
+        return (*[e // c if i == k else e for i, e in enumerate(v)], v[k] % c)
+
+    sch.transform_block_layout(block, IndexMap.from_func(f, ndim=len(ivs)))
 
 
 def _pad_apart(sch, pads, cpu: CPU) -> None:
@@ -186,7 +215,17 @@ class Conv2D(CPURule):
         pointwise = (not grouped and "ry" not in role and "rx" not in role and {"f", "y", "x", "rc"} <= set(role)
                      and is_var(data[2], role["y"].var) and is_var(data[3], role["x"].var))
         depthwise = grouped and ICg == 1
-        if pointwise and lanes > 1 and register_tile(OH * OW, lanes) >= lanes:
+        # Channel blocks (bundler.compile.channelblocks): written by a convolution that keeps its
+        # channels in lanes, read by a depthwise one that puts them there.
+        out_block = channel_block(sch.get(infos[-1].block_rv).writes[0]) if k < len(infos) - 1 else None
+        in_block = next((channel_block(r) for b in pads for r in sch.get(b).reads if channel_block(r)), None)
+        if in_block is not None:
+            if not (depthwise and lanes > 1 and in_block % lanes == 0 and {"f", "y", "x", "ry", "rx"} <= set(role)
+                    and len(pads) == 1 and packable):
+                return None
+            return self._c_vector(sch, infos, k, loops, cpu, knobs, lanes, in_block, w_index, pads[0],
+                                  column_stride(data[3], role["x"].var) or 1, column_stride(data[2], role["y"].var) or 1)
+        if pointwise and lanes > 1 and out_block is None and register_tile(OH * OW, lanes) >= lanes:
             _pad_apart(sch, pads, cpu)
             return self._pointwise(sch, infos, k, role, cpu, knobs, lanes, OC, OH, OW)
         channels = OCg if grouped else OC
@@ -195,20 +234,34 @@ class Conv2D(CPURule):
             # A 1x1 stride-1 convolution on a map too small for pixel vectors (7x7, 14x14) reads
             # and writes its pixels contiguously across rows: one pixel axis, so that the pixel
             # tile divides it (49 = 7 x 7, where rows of 7 left a tile of 6 and one of 1).
-            fuse = pointwise and not knobs.pick("rows_apart", 0, (0, 1))
+            # (A map that reaches this only for its channel-blocked output keeps its rows where they
+            # tile well: indexing the input by one pixel axis costs a division per scalar load,
+            # 16->96 channels on 112x112, AVX-512: 313 against 187 us.)
+            wide = out_block is not None and 2 * divisor_tile(OW, pixel_tile_max(cpu, register_tile(channels, lanes), lanes)) \
+                > pixel_tile_max(cpu, register_tile(channels, lanes), lanes)
+            fuse = pointwise and not knobs.pick("rows_apart", int(wide), (0, 1))
             nrs = [t for t in (lanes // 2, lanes, 2 * lanes, 4 * lanes)
-                   if t >= max(4, lanes // 4) and channels % t == 0 and pixel_tile_max(cpu, t, lanes) >= 2]
+                   if t >= max(4, lanes // 4) and channels % t == 0 and pixel_tile_max(cpu, t, lanes) >= 2
+                   and (out_block is None or t == out_block)]
+            if out_block is not None:
+                # One block per tile: a tile of two blocks wrote them through index arithmetic that
+                # LLVM left unsimplified (16->96 channels on 112x112, AVX-512: 377 against 214 us).
+                if out_block not in nrs:
+                    return None
+                nr = out_block
             if fuse:
                 # Fewer channels per tile where that lets a pixel tile divide the map: on a 7x7
                 # map one vector of channels by 7 pixels ran 1.5x faster than two by 6 and a
                 # bounds-checked tile of 1 (1280x320 on 7x7, 2 threads, AVX2).
                 P = OH * OW
-                nr = next((t for t in sorted(nrs, reverse=True) if t <= nr
+                nr = next((t for t in sorted(nrs, reverse=True) if t <= nr and t in nrs
                            and 2 * divisor_tile(P, pixel_tile_max(cpu, t, lanes)) > pixel_tile_max(cpu, t, lanes)), nr)
             # Whole or half vector registers only (see register_tile), within the registers.
             nr = knobs.pick("nr", nr, nrs)
             return self._oc_vector(sch, infos, k, loops, cpu, knobs, lanes, nr, OW, w_index if packable else None, pads,
-                                   fuse_pixels=(role["y"].var, role["x"].var) if fuse else None)
+                                   fuse_pixels=(role["y"].var, role["x"].var) if fuse else None, out_block=out_block)
+        if out_block is not None:
+            return None
         if not (depthwise and lanes > 1 and {"f", "y", "x"} <= set(role) and OC * N >= 2 * cpu.threads):
             _pad_apart(sch, pads, cpu)
             pads = []
@@ -216,8 +269,13 @@ class Conv2D(CPURule):
         return self._ow_vector(sch, infos, k, loops, cpu, knobs, lanes, OC, OW, depthwise, pads, strided)
 
     @staticmethod
-    def _oc_vector(sch, infos, k, loops, cpu: CPU, knobs: Knobs, lanes, nr, OW, w_index, pads=(), fuse_pixels=None):
+    def _oc_vector(sch, infos, k, loops, cpu: CPU, knobs: Knobs, lanes, nr, OW, w_index, pads=(), fuse_pixels=None,
+                   out_block=None):
         block, consumer = split_epilogue(sch, infos, k)
+        if out_block is not None:
+            # The output in channel blocks: the write-back iterates them innermost, so that each
+            # accumulator vector is stored whole.
+            _blocks_innermost(sch, consumer, _channel_var(sch.get(consumer).writes[0]), out_block)
         if fuse_pixels is not None:
             OH = as_int(sch.get(loops["y"]).extent)
             n, f, p, rc = _one_pixel_axis(sch, block, consumer, fuse_pixels, OW, lambda b, c, q: (b, c // nr, q, c % nr))
@@ -259,6 +317,11 @@ class Conv2D(CPURule):
             outer = [lp for lp in ((loops.get("n"), loops.get("y"), fo) if rows_first else (loops.get("n"), fo, loops.get("y")))
                      if lp is not None]
             sch.reorder(*outer, *([xo] if xo else []), *red, *([xi] if xi else []), fi)
+            if xo is not None and product(as_int(sch.get(lp).extent) or 1 for lp in outer) < 4 * cpu.threads:
+                # Too few channel tiles (and rows) to share out evenly (3 tiles on 2 threads: one
+                # idles a third of the time): the pixel tiles in parallel too.
+                outer.append(xo)
+                xo = None
             fused = parallelize(sch, outer, cpu)
             at = xo or fused
         sch.reverse_compute_at(consumer, at, preserve_unit_loops=True)
@@ -272,6 +335,45 @@ class Conv2D(CPURule):
         # Write-back: the output is NCHW, so pixels are contiguous there; the transposition
         # from the channel-vector accumulators is left to LLVM on the unrolled tile.
         tile_writeback(sch, consumer, at, lanes)
+        return sch
+
+    @staticmethod
+    def _c_vector(sch, infos, k, loops, cpu: CPU, knobs: Knobs, lanes, c, w_index, pad, sx, sy):
+        """A depthwise convolution reading channel blocks: a block of ``c`` channels in vector
+        lanes, a row of output pixels per register tile, each tap one contiguous load and a
+        multiply-add whatever the stride (against a load and a shuffle per tap with pixels in
+        lanes). The padding is computed per block and band of rows, right before the rows that
+        read it, in channel blocks too."""
+        block, consumer = split_epilogue(sch, infos, k)
+        pad_write = sch.get(pad).writes[0]
+        chan = region_mins(pad_write)[1]
+        _blocks_innermost(sch, pad, chan, c)
+        sch.transform_layout(pad, ("write", 0), lambda n, ch, h, w: (n, ch // c, h, w, ch % c))
+        pack_weights(sch, block, w_index, lambda o, i, h, w: (o // c, i, h, w, o % c))
+        sch.transform_layout(block, ("write", 0), lambda b, ch, h, w: (b, ch // c, h, w, ch % c))
+        OH, OW = (as_int(sch.get(loops[r]).extent) for r in ("y", "x"))
+        fo, fi = sch.split(loops["f"], [None, c])
+        mr = knobs.pick("pixels", divisor_tile(OW, pixel_tile_max(cpu, c, lanes)), [d for d in range(2, 9) if OW % d == 0])
+        xo, xi = sch.split(loops["x"], [None, mr])
+        # Bands of rows per parallel task: the padded band is recomputed where the windows of two
+        # bands overlap, so a band of a few rows, enough for the two threads to share the blocks.
+        band = knobs.pick("band", divisor_tile(OH, 8), [d for d in range(1, 17) if OH % d == 0])
+        yo, yi = sch.split(loops["y"], [None, band])
+        outer = [lp for lp in (loops.get("n"), fo, yo) if lp is not None]
+        sch.reorder(*outer, yi, xo, loops["ry"], loops["rx"], xi, fi)
+        fused = parallelize(sch, outer, cpu)
+        compute_stages_at(sch, [pad], fused, lanes)
+        sch.reverse_compute_at(consumer, xo, preserve_unit_loops=True)
+        sch.vectorize(fi)
+        budget = UNROLL_BUDGET
+        for lp in (xi, loops["rx"], loops["ry"]):
+            e = as_int(sch.get(lp).extent)
+            if e is not None and e <= budget:
+                sch.unroll(lp)
+                budget //= e
+        init = sch.decompose_reduction(block, loops["ry"])
+        vectorize_if_not(sch, init, lanes)
+        tile_writeback(sch, consumer, xo, lanes)
         return sch
 
     @staticmethod
