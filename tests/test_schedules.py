@@ -518,6 +518,15 @@ def _edge_model(path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("board, blocks", [("rpi4", [[2, 10, 10, 10, 4]]), ("rpi3-armhf", [[2, 10, 10, 10, 4]]),
+                                           ("visionfive2", [])])
+def test_edge_model_has_channel_blocks_where_the_board_has_vectors(board, blocks, tmp_path):
+    """So that the qemu test below runs the channel-blocked kernels on NEON (rv64gc has no vector
+    unit: nothing to block for)."""
+    _t, mod = lower(onnx.load(str(_edge_model(tmp_path / "edges.onnx"))), _recipe_target(board))
+    assert _blocked_tensors(mod) == blocks
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("board", QEMU_BOARDS)
 def test_bundle_verifies_under_qemu(board, tmp_path):
