@@ -39,11 +39,6 @@ def _static(shape) -> list[int] | None:
         return None
 
 
-def _blocks(func: tirx.PrimFunc) -> list:
-    sch = s_tir.Schedule(func)
-    return sch, sch.get_child_blocks(sch.get_sblock("root"))
-
-
 def _reductions(func: tirx.PrimFunc) -> list:
     found = []
 
@@ -57,7 +52,7 @@ def _reductions(func: tirx.PrimFunc) -> list:
 
 class Depthwise(NamedTuple):
     data: int          # the index of its data parameter
-    stride: int        # along the rows
+    stride: int        # along its columns
     pixels: int        # of its output map
 
 
@@ -100,15 +95,15 @@ def depthwise(func: tirx.PrimFunc) -> Depthwise | None:
 def _blocked(func: tirx.PrimFunc, index: int, c: int) -> tirx.PrimFunc:
     """``func`` with parameter ``index`` ([N, C, H, W]) laid out as [N, C/c, H, W, c]."""
     buf = func.params[index]
-    sch, blocks = _blocks(func)
-    for b in blocks:
+    sch = s_tir.Schedule(func)
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
         stmt = sch.get(b)
         for kind, regions in (("write", stmt.writes), ("read", stmt.reads)):
             for i, r in enumerate(regions):
                 if r.source.same_as(buf):
                     sch.transform_layout(b, (kind, i), lambda n, ch, h, w: (n, ch // c, h, w, ch % c))
                     return sch.mod["main"]
-    raise ValueError("the parameter is not accessed")
+    raise ValueError(f"kernel parameter {index} is not accessed")    # not a pair the plan makes
 
 
 @mutator

@@ -2,7 +2,7 @@
 ``group_conv2d_nchw``), with the elementwise epilogue FuseOps puts behind it (bias, ReLU,
 residual add, clip, ...).
 
-Two register tilings, both keeping the accumulators of one output tile in registers for the
+Three register tilings, all keeping the accumulators of one output tile in registers for the
 whole reduction over input channels and the kernel window:
 
 * **output channels in vector lanes** (regular convolutions, and grouped ones whose group has
@@ -10,6 +10,10 @@ whole reduction over input channels and the kernel window:
   and broadcasts MR input pixels, so strides and dilations cost nothing (the input is only
   ever read as scalars). The weights are repacked at compile time from OIHW to
   ``[O/NR, I, H, W, NR]`` so that vector is contiguous; see :func:`pack_weights`.
+* **channel blocks in vector lanes** (a depthwise convolution reading the ``[N, C/c, H, W, c]``
+  tensor its producer was made to write by :mod:`bundler.compile.channelblocks`): each tap one
+  contiguous load per block of channels, whatever the stride; the producer's output channel
+  vectors are stored whole.
 * **output pixels in vector lanes** (depthwise, and convolutions with too few output
   channels to fill a vector, like a detector's 1-channel head): each step loads a row of
   input pixels and broadcasts a weight.
@@ -223,8 +227,7 @@ class Conv2D(CPURule):
             if not (depthwise and lanes > 1 and in_block % lanes == 0 and {"f", "y", "x", "ry", "rx"} <= set(role)
                     and len(pads) == 1 and packable):
                 return None
-            return self._c_vector(sch, infos, k, loops, cpu, knobs, lanes, in_block, w_index, pads[0],
-                                  column_stride(data[3], role["x"].var) or 1, column_stride(data[2], role["y"].var) or 1)
+            return self._c_vector(sch, infos, k, loops, cpu, knobs, lanes, in_block, w_index, pads[0])
         if pointwise and lanes > 1 and out_block is None and register_tile(OH * OW, lanes) >= lanes:
             _pad_apart(sch, pads, cpu)
             return self._pointwise(sch, infos, k, role, cpu, knobs, lanes, OC, OH, OW)
@@ -237,15 +240,15 @@ class Conv2D(CPURule):
             # (A map that reaches this only for its channel-blocked output keeps its rows where they
             # tile well: indexing the input by one pixel axis costs a division per scalar load,
             # 16->96 channels on 112x112, AVX-512: 313 against 187 us.)
-            wide = out_block is not None and 2 * divisor_tile(OW, pixel_tile_max(cpu, register_tile(channels, lanes), lanes)) \
-                > pixel_tile_max(cpu, register_tile(channels, lanes), lanes)
+            most = pixel_tile_max(cpu, register_tile(channels, lanes), lanes)
+            wide = out_block is not None and 2 * divisor_tile(OW, most) > most
             fuse = pointwise and not knobs.pick("rows_apart", int(wide), (0, 1))
             nrs = [t for t in (lanes // 2, lanes, 2 * lanes, 4 * lanes)
                    if t >= max(4, lanes // 4) and channels % t == 0 and pixel_tile_max(cpu, t, lanes) >= 2
                    and (out_block is None or t == out_block)]
             if out_block is not None:
-                # One block per tile: a tile of two blocks wrote them through index arithmetic that
-                # LLVM left unsimplified (16->96 channels on 112x112, AVX-512: 377 against 214 us).
+                # One block per tile: tiles of two blocks ran slower (32->192 channels on 28x28,
+                # AVX-512: 67 against 43 us).
                 if out_block not in nrs:
                     return None
                 nr = out_block
@@ -338,16 +341,14 @@ class Conv2D(CPURule):
         return sch
 
     @staticmethod
-    def _c_vector(sch, infos, k, loops, cpu: CPU, knobs: Knobs, lanes, c, w_index, pad, sx, sy):
+    def _c_vector(sch, infos, k, loops, cpu: CPU, knobs: Knobs, lanes, c, w_index, pad):
         """A depthwise convolution reading channel blocks: a block of ``c`` channels in vector
         lanes, a row of output pixels per register tile, each tap one contiguous load and a
         multiply-add whatever the stride (against a load and a shuffle per tap with pixels in
         lanes). The padding is computed per block and band of rows, right before the rows that
         read it, in channel blocks too."""
         block, consumer = split_epilogue(sch, infos, k)
-        pad_write = sch.get(pad).writes[0]
-        chan = region_mins(pad_write)[1]
-        _blocks_innermost(sch, pad, chan, c)
+        _blocks_innermost(sch, pad, region_mins(sch.get(pad).writes[0])[1], c)
         sch.transform_layout(pad, ("write", 0), lambda n, ch, h, w: (n, ch // c, h, w, ch % c))
         pack_weights(sch, block, w_index, lambda o, i, h, w: (o // c, i, h, w, o % c))
         sch.transform_layout(block, ("write", 0), lambda b, ch, h, w: (b, ch // c, h, w, ch % c))
