@@ -28,7 +28,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from bundler.compile.relaxfuncs import mutate_functions
 from bundler.compile.schedules.base import column_stride
-from bundler.compile.schedules.conv import Conv2D
+from bundler.compile.schedules.conv import Conv2D, channel_blocked
 from bundler.compile.schedules.cpu import describe
 
 
@@ -101,7 +101,7 @@ def _blocked(func: tirx.PrimFunc, index: int, c: int) -> tirx.PrimFunc:
         for kind, regions in (("write", stmt.writes), ("read", stmt.reads)):
             for i, r in enumerate(regions):
                 if r.source.same_as(buf):
-                    sch.transform_layout(b, (kind, i), lambda n, ch, h, w: (n, ch // c, h, w, ch % c))
+                    sch.transform_layout(b, (kind, i), channel_blocked(c))
                     return sch.mod["main"]
     raise ValueError(f"kernel parameter {index} is not accessed")    # not a pair the plan makes
 
@@ -192,8 +192,8 @@ class _ChannelBlocks(PyExprMutator):
         gv, args = call.args[0], [self.visit_expr(a) for a in call.args[1].fields]
         out = call.ty_args[0]
         if index == len(self.mod[gv].params) - 1:
-            n, ch, h, w = _static(out.shape)
-            out = relax.TensorType([n, ch // self.lanes, h, w, self.lanes], out.dtype)
+            shape = tvm.tirx.IndexMap.from_func(channel_blocked(self.lanes), ndim=4).map_shape(list(out.shape.values))
+            out = relax.TensorType([int(d) for d in shape], out.dtype)
         emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
         self.set_var_remap(binding.var, emit(relax.call_tir(self.variant(gv, index), args, out), binding.var.name))
 

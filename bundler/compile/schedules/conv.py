@@ -100,6 +100,11 @@ def channel_block(region) -> int | None:
     return as_int(region.source.shape[4])
 
 
+def channel_blocked(c: int):
+    """The index map from ``[N, C, H, W]`` to channel blocks ``[N, C/c, H, W, c]``."""
+    return lambda n, ch, h, w: (n, ch // c, h, w, ch % c)
+
+
 def _channel_var(region):
     """The block iterator of the channel an access to a channel-blocked tensor indexes."""
     (v,) = list(undefined_vars(region.region[4].min))
@@ -257,7 +262,7 @@ class Conv2D(CPURule):
                 # map one vector of channels by 7 pixels ran 1.5x faster than two by 6 and a
                 # bounds-checked tile of 1 (1280x320 on 7x7, 2 threads, AVX2).
                 P = OH * OW
-                nr = next((t for t in sorted(nrs, reverse=True) if t <= nr and t in nrs
+                nr = next((t for t in sorted(nrs, reverse=True) if t <= nr
                            and 2 * divisor_tile(P, pixel_tile_max(cpu, t, lanes)) > pixel_tile_max(cpu, t, lanes)), nr)
             # Whole or half vector registers only (see register_tile), within the registers.
             nr = knobs.pick("nr", nr, nrs)
@@ -349,9 +354,9 @@ class Conv2D(CPURule):
         read it, in channel blocks too."""
         block, consumer = split_epilogue(sch, infos, k)
         _blocks_innermost(sch, pad, region_mins(sch.get(pad).writes[0])[1], c)
-        sch.transform_layout(pad, ("write", 0), lambda n, ch, h, w: (n, ch // c, h, w, ch % c))
+        sch.transform_layout(pad, ("write", 0), channel_blocked(c))
         pack_weights(sch, block, w_index, lambda o, i, h, w: (o // c, i, h, w, o % c))
-        sch.transform_layout(block, ("write", 0), lambda b, ch, h, w: (b, ch // c, h, w, ch % c))
+        sch.transform_layout(block, ("write", 0), channel_blocked(c))
         OH, OW = (as_int(sch.get(loops[r]).extent) for r in ("y", "x"))
         fo, fi = sch.split(loops["f"], [None, c])
         mr = knobs.pick("pixels", divisor_tile(OW, pixel_tile_max(cpu, c, lanes)), [d for d in range(2, 9) if OW % d == 0])
