@@ -239,15 +239,6 @@ class Conv2D(CPURule):
         channels = OCg if grouped else OC
         nr = register_tile(channels, lanes)
         if lanes > 1 and nr >= max(4, lanes // 4) and not (grouped and ICg == 1) and "f" in loops:
-            # A 1x1 stride-1 convolution on a map too small for pixel vectors (7x7, 14x14) reads
-            # and writes its pixels contiguously across rows: one pixel axis, so that the pixel
-            # tile divides it (49 = 7 x 7, where rows of 7 left a tile of 6 and one of 1).
-            # (A map that reaches this only for its channel-blocked output keeps its rows where they
-            # tile well: indexing the input by one pixel axis costs a division per scalar load,
-            # 16->96 channels on 112x112, AVX-512: 313 against 187 us.)
-            most = pixel_tile_max(cpu, register_tile(channels, lanes), lanes)
-            wide = out_block is not None and 2 * divisor_tile(OW, most) > most
-            fuse = pointwise and not knobs.pick("rows_apart", int(wide), (0, 1))
             nrs = [t for t in (lanes // 2, lanes, 2 * lanes, 4 * lanes)
                    if t >= max(4, lanes // 4) and channels % t == 0 and pixel_tile_max(cpu, t, lanes) >= 2
                    and (out_block is None or t == out_block)]
@@ -257,6 +248,15 @@ class Conv2D(CPURule):
                 if out_block not in nrs:
                     return None
                 nr = out_block
+            # A 1x1 stride-1 convolution on a map too small for pixel vectors (7x7, 14x14) reads
+            # and writes its pixels contiguously across rows: one pixel axis, so that the pixel
+            # tile divides it (49 = 7 x 7, where rows of 7 left a tile of 6 and one of 1).
+            # (A map that reaches this only for its channel-blocked output keeps its rows where the
+            # block's pixel tile divides them well: indexing the input by one pixel axis costs a
+            # division per scalar load, 16->96 channels on 112x112, AVX-512: 313 against 187 us.)
+            most = pixel_tile_max(cpu, nr, lanes)
+            wide = out_block is not None and 2 * divisor_tile(OW, most) > most
+            fuse = pointwise and not knobs.pick("rows_apart", int(wide), (0, 1))
             if fuse:
                 # Fewer channels per tile where that lets a pixel tile divide the map: on a 7x7
                 # map one vector of channels by 7 pixels ran 1.5x faster than two by 6 and a
